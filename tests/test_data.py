@@ -1,0 +1,115 @@
+"""The dataset registry and its sources: mirror, files, bad rows, nothing half-registered."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from mathtool.data import load_problems, prepare, registered
+from mathtool.data.registry import datasets_dir, read_manifest
+from mathtool.errors import DatasetError
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("MATHTOOL_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MATHTOOL_DATA_DIR", raising=False)
+    return tmp_path / "home"
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_prepare_from_mirror_round_trips(shared_data: Path) -> None:
+    entry = prepare("aime2024", shared_data)
+    assert entry["rows"] == 30 and entry["split"] == "test"
+    problems = load_problems("aime2024")
+    assert len(problems) == 30
+    assert problems[0].id == "2024-AIME-I-1" and problems[0].answer == "204"
+    assert all(p.answer.isdigit() and not p.answer.startswith("0") or p.answer == "0" for p in problems)
+    assert "url" in problems[0].extra
+    [manifest] = registered()
+    assert manifest["name"] == "aime2024" and len(manifest["splits"]["test"]["sha256"]) == 64
+
+
+def test_deepscaler_registers_as_train(shared_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MATHTOOL_DATA_DIR", str(shared_data))
+    problems = load_problems("deepscaler")  # known name, not yet registered: registered on first use
+    assert len(problems) == 10850
+    assert read_manifest("deepscaler")["splits"]["train"]["rows"] == 10850
+    assert any("\\frac" in p.answer for p in problems)
+
+
+def test_file_formats_and_field_aliases(tmp_path: Path) -> None:
+    rows = [{"question": "1+1?", "ground_truth": 2}, {"question": "2+2?", "ground_truth": "004", "id": "b"}]
+    jsonl = write_jsonl(tmp_path / "p.jsonl", rows)
+    parquet = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"problem": ["1+1?"], "answer": ["2"], "id": ["x"]}), parquet)
+    csv_file = tmp_path / "p.csv"
+    csv_file.write_text("problem,answer\n\"3+3?\",6\n")
+    from_jsonl = load_problems(str(jsonl))
+    assert [(p.id, p.answer) for p in from_jsonl] == [("p-1", "2"), ("b", "4")]
+    assert load_problems(str(parquet))[0].id == "x"
+    assert load_problems(str(csv_file))[0].answer == "6"
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ([{"problem": "x", "answer": "1"}, {"problem": "y"}], "row 2: empty or missing answer"),
+        ([{"problem": "x", "answer": "  "}], "row 1: empty or missing answer"),
+        ([{"answer": "1"}], "row 1: no problem text"),
+        ([{"id": 1, "problem": "x", "answer": "1"}, {"id": 1, "problem": "y", "answer": "2"}], "duplicate id '1'"),
+    ],
+)
+def test_bad_rows_name_file_and_row(tmp_path: Path, rows: list[dict], message: str) -> None:
+    path = write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(DatasetError, match=message) as info:
+        prepare(str(path))
+    assert str(path) in str(info.value)
+    assert not (datasets_dir() / "bad").exists()  # nothing half-registered
+
+
+def test_bad_json_and_unknown_names(tmp_path: Path) -> None:
+    path = tmp_path / "torn.jsonl"
+    path.write_text('{"problem": "x", "answer": "1"}\n{"problem": \n')
+    with pytest.raises(DatasetError, match="row 2: not valid JSON"):
+        load_problems(str(path))
+    with pytest.raises(DatasetError, match="unknown dataset 'nope'"):
+        load_problems("nope")
+    with pytest.raises(DatasetError, match="no such file"):
+        load_problems(str(tmp_path / "missing.jsonl"))
+    (tmp_path / "x.txt").write_text("hello")
+    with pytest.raises(DatasetError, match="unsupported file type"):
+        load_problems(str(tmp_path / "x.txt"))
+
+
+def test_failed_reregister_keeps_the_old_copy(tmp_path: Path) -> None:
+    good = write_jsonl(tmp_path / "mine.jsonl", [{"problem": "x", "answer": "1"}])
+    prepare(str(good))
+    write_jsonl(good, [{"problem": "x", "answer": "1"}, {"problem": "y", "answer": ""}])
+    with pytest.raises(DatasetError):
+        prepare(str(good))
+    assert len(load_problems("mine")) == 1
+    assert not [p for p in (datasets_dir() / "mine").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_hub_unreachable_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    import importlib
+
+    import huggingface_hub.constants
+
+    importlib.reload(huggingface_hub.constants)
+    try:
+        with pytest.raises(DatasetError, match="Hub is unreachable.*--source DIR"):
+            prepare("amc2023")
+    finally:
+        monkeypatch.delenv("HF_ENDPOINT")
+        importlib.reload(huggingface_hub.constants)
