@@ -1,0 +1,17 @@
+"""Unbiased pass@k, run metrics (metrics.json), per-problem tables, and the markdown + HTML report."""
+
+from mathtool.metrics.pass_at_k import pass_at_k, pass_k_values
+from mathtool.metrics.report import write_report
+from mathtool.metrics.run_files import load_run
+from mathtool.metrics.summary import ProblemRow, compute_metrics, per_problem_rows, summary_table
+
+__all__ = [
+    "ProblemRow",
+    "compute_metrics",
+    "load_run",
+    "pass_at_k",
+    "pass_k_values",
+    "per_problem_rows",
+    "summary_table",
+    "write_report",
+]

@@ -1,0 +1,64 @@
+"""Reading a run directory: `config.json` and `trajectories.jsonl`, the files the engine writes."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from mathtool.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+TRAJECTORIES_FILE = "trajectories.jsonl"
+CONFIG_FILE = "config.json"
+
+
+def read_trajectory_records(path: Path) -> list[dict[str, Any]]:
+    """Every record of a trajectories file; the last record per (problem_id, sample) wins.
+
+    A resumed run appends a redone trajectory after its errored first try, so keeping the last one
+    counts each (problem, sample) once. A line that is not valid JSON (a run killed mid-write leaves
+    one at the end) is skipped with a warning.
+    """
+    latest: dict[tuple[str, int], dict[str, Any]] = {}
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        record = _parse_line(path, number, line, is_last=number == len(lines))
+        if record is not None:
+            latest[(str(record["problem_id"]), int(record.get("sample", 0)))] = record
+    return list(latest.values())
+
+
+def _parse_line(path: Path, number: int, line: str, is_last: bool) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        where = "torn last line" if is_last else "unreadable line"
+        log.warning("%s:%d: skipped a %s (%d chars)", path, number, where, len(line))
+        return None
+    if not isinstance(record, dict) or "problem_id" not in record:
+        log.warning("%s:%d: skipped a record without problem_id", path, number)
+        return None
+    return record
+
+
+def load_run(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(resolved config, trajectory records) of a run directory; a missing config.json reads as {}."""
+    run_dir = Path(run_dir)
+    trajectories_path = run_dir / TRAJECTORIES_FILE
+    if not trajectories_path.is_file():
+        raise ConfigError(f"{run_dir} is not a run directory: it has no {TRAJECTORIES_FILE}")
+    config: dict[str, Any] = {}
+    config_path = run_dir / CONFIG_FILE
+    if config_path.is_file():
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{config_path} is not valid JSON ({e})") from None
+    else:
+        log.warning("%s has no %s; reporting without the run's config", run_dir, CONFIG_FILE)
+    return config, read_trajectory_records(trajectories_path)

@@ -1,0 +1,201 @@
+"""Metrics and report: pass@k against enumeration, metrics on handcrafted runs, and the report files."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import pytest
+from rich.console import Console
+
+from mathtool.errors import ConfigError
+from mathtool.metrics import (
+    compute_metrics,
+    load_run,
+    pass_at_k,
+    pass_k_values,
+    per_problem_rows,
+    summary_table,
+    write_report,
+)
+
+EVIL = "<script>alert('pwned')</script>"
+
+
+def brute_force_pass_at_k(n: int, c: int, k: int) -> Fraction:
+    """Fraction of all k-subsets of n samples (the first c correct) holding a correct sample."""
+    subsets = list(itertools.combinations(range(n), k))
+    return Fraction(sum(any(i < c for i in s) for s in subsets), len(subsets))
+
+
+@pytest.mark.parametrize("n", range(1, 11))
+def test_pass_at_k_matches_enumeration(n: int) -> None:
+    for c in range(n + 1):
+        for k in range(1, n + 1):
+            assert pass_at_k(n, c, k) == pytest.approx(float(brute_force_pass_at_k(n, c, k)), abs=1e-12), (n, c, k)
+
+
+@pytest.mark.parametrize(("n", "c", "k"), [(200, 3, 50), (1000, 1, 7), (64, 10, 64), (512, 500, 13)])
+def test_pass_at_k_large_n_matches_exact_binomials(n: int, c: int, k: int) -> None:
+    exact = 1 - Fraction(math.comb(n - c, k), math.comb(n, k))
+    assert pass_at_k(n, c, k) == pytest.approx(float(exact), rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize(("n", "c", "k"), [(4, 5, 1), (4, -1, 1), (4, 2, 0), (4, 2, 5)])
+def test_pass_at_k_rejects_impossible_arguments(n: int, c: int, k: int) -> None:
+    with pytest.raises(ValueError):
+        pass_at_k(n, c, k)
+
+
+def test_pass_k_values() -> None:
+    assert pass_k_values(1) == [1]
+    assert pass_k_values(4) == [1, 2, 4]
+    assert pass_k_values(6) == [1, 2, 4, 6]
+    assert pass_k_values(16) == [1, 2, 4, 8, 16]
+
+
+def traj(pid: str, sample: int, reward: float, tools: int = 0, tokens: int = 10, termination: str = "answered",
+         error: str | None = None, messages: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    return {
+        "problem_id": pid, "sample": sample, "reward": reward, "num_tool_calls": tools, "num_turns": tools + 1,
+        "response_tokens": tokens, "termination": termination, "error": error, "extracted_answer": "42",
+        "ground_truth": "42", "messages": messages or [{"role": "user", "content": f"problem {pid}"}],
+        "timings": {},
+    }
+
+
+def handcrafted() -> list[dict[str, Any]]:
+    """p1: 4 samples, 1 correct; p2: 4 samples, 4 correct; p10: 2 samples (stopped early), 0 correct."""
+    return [
+        traj("p1", 0, 1.0, tools=2, tokens=100), traj("p1", 1, 0.0, tokens=300), traj("p1", 2, 0.0, tokens=50),
+        traj("p1", 3, 0.0, termination="error", error="server died", tokens=0),
+        *[traj("p2", s, 1.0, tools=1, tokens=20) for s in range(4)],
+        traj("p10", 0, 0.0, tools=3, termination="budget", tokens=1000), traj("p10", 1, 0.0, tokens=30),
+    ]
+
+
+def test_compute_metrics_on_handcrafted_run() -> None:
+    m = compute_metrics(handcrafted(), n_samples=4)
+    assert m["num_problems"] == 3 and m["num_trajectories"] == 10
+    assert m["pass@1"] == pytest.approx((1 / 4 + 1 + 0) / 3)
+    assert m["pass@2"] == pytest.approx((1 / 2 + 1 + 0) / 3)  # p1: 1 - C(3,2)/C(4,2) = 1/2
+    assert m["pass@4"] == pytest.approx((1 + 1) / 2)  # p10 has only 2 samples: left out of pass@4
+    assert m["pass@k_num_problems"] == {"1": 3, "2": 3, "4": 2}
+    assert "pass@3" not in m and "pass@8" not in m
+    assert m["mean_response_tokens"] == pytest.approx(1560 / 10) and m["max_response_tokens"] == 1000
+    assert m["mean_tool_calls"] == pytest.approx(9 / 10)
+    assert m["frac_with_tool_calls"] == pytest.approx(6 / 10)
+    assert m["termination_counts"] == {"answered": 8, "error": 1, "budget": 1}
+    assert m["num_errors"] == 1
+    json.dumps(m)  # metrics.json must be plain JSON
+
+
+def test_compute_metrics_adds_n_samples_when_not_a_power_of_two() -> None:
+    records = [traj("a", s, 1.0 if s == 0 else 0.0) for s in range(6)]
+    m = compute_metrics(records, n_samples=6)
+    assert [k for k in m if k.startswith("pass@") and k[5:].isdigit()] == ["pass@1", "pass@2", "pass@4", "pass@6"]
+    assert m["pass@6"] == 1.0 and m["pass@4"] == pytest.approx(4 / 6)
+
+
+def test_compute_metrics_on_empty_run() -> None:
+    m = compute_metrics([], n_samples=4)
+    assert m["num_problems"] == 0 and m["pass@1"] is None and m["mean_tool_calls"] is None
+
+
+def test_per_problem_rows_are_in_natural_order() -> None:
+    rows = per_problem_rows(handcrafted())
+    assert [r.problem_id for r in rows] == ["p1", "p2", "p10"]
+    p1 = rows[0]
+    assert (p1.n, p1.correct, p1.pass_at_1, p1.mean_tool_calls, p1.mean_response_tokens) == (4, 1, 0.25, 0.5, 112.5)
+
+
+def test_summary_table_lists_pass_at_k_first() -> None:
+    table = summary_table(compute_metrics(handcrafted(), 4))
+    names = list(table.columns[0].cells)
+    assert names[:3] == ["pass@1", "pass@2", "pass@4"] and "termination: budget" in names
+    console = Console(record=True, width=100)
+    console.print(table)
+    text = console.export_text()
+    assert "0.4167" in text and "1.0000 (over 2 of 3 problems)" in text
+
+
+def write_run(run_dir: Path, records: list[dict[str, Any]], tail: str = "") -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps({"n_samples": 4, "dataset": "toy", "model": "m",
+                                                     "api_key": "sk-secret"}))
+    lines = "".join(json.dumps(r) + "\n" for r in records)
+    (run_dir / "trajectories.jsonl").write_text(lines + tail)
+    return run_dir
+
+
+def test_load_run_skips_torn_last_line_with_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    run_dir = write_run(tmp_path / "run", handcrafted(), tail='{"problem_id": "p3", "sample": 0, "rew')
+    with caplog.at_level(logging.WARNING):
+        config, records = load_run(run_dir)
+    assert config["n_samples"] == 4 and len(records) == 10
+    assert "torn last line" in caplog.text
+
+
+def test_load_run_keeps_the_last_record_of_a_redone_sample(tmp_path: Path) -> None:
+    records = [*handcrafted(), traj("p1", 3, 1.0)]  # a resumed run redid the errored sample
+    _, loaded = load_run(write_run(tmp_path / "run", records))
+    assert len(loaded) == 10
+    assert compute_metrics(loaded, 4)["num_errors"] == 0
+
+
+def test_load_run_without_trajectories_is_a_user_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not a run directory"):
+        load_run(tmp_path)
+
+
+def evil_run() -> list[dict[str, Any]]:
+    messages = [
+        {"role": "system", "content": "Use python."},
+        {"role": "user", "content": "What is 6*7?"},
+        {"role": "assistant", "content": f"{EVIL}\n```python\nprint(6*7)\n```"},
+        {"role": "user", "content": "```output\n42\n```"},
+        {"role": "assistant", "content": "\\boxed{42}"},
+    ]
+    return [*handcrafted(), traj("p<b>3</b>", 0, 1.0, tools=1, messages=messages)]
+
+
+def test_report_is_self_contained_and_escapes_model_text(tmp_path: Path) -> None:
+    run_dir = write_run(tmp_path / "run", evil_run())
+    markdown_path, html_path = write_report(run_dir)
+    assert (markdown_path.name, html_path.name) == ("report.md", "report.html")
+    page = html_path.read_text()
+    assert "<script" not in page
+    assert "&lt;script&gt;alert(&#x27;pwned&#x27;)&lt;/script&gt;" in page
+    assert page.count('<details class="trajectory">') == 11
+    assert page.count('<div class="msg tool">') == 1  # the ```output reply, not the problem statement
+    assert page.count('src="data:image/png;base64,') == 3
+    assert "http://" not in page and "https://" not in page  # nothing loaded from elsewhere
+    assert "sk-secret" not in page
+    evil_id = "p&lt;b&gt;3&lt;/b&gt;"
+    for pid in ("p1", "p2", "p10", evil_id):
+        assert f">{pid}</a></td>" in page
+    markdown = markdown_path.read_text()
+    assert "| p10 | 2 | 0 | 0.0000 |" in markdown and "<b>" not in markdown
+
+
+def test_report_never_overwrites_an_existing_report(tmp_path: Path) -> None:
+    run_dir = write_run(tmp_path / "run", handcrafted())
+    (run_dir / "report.md").write_text("my notes")
+    markdown_path, html_path = write_report(run_dir)
+    assert (markdown_path.name, html_path.name) == ("report-1.md", "report-1.html")
+    assert (run_dir / "report.md").read_text() == "my notes"
+    assert write_report(run_dir)[0].name == "report-2.md"
+    markdown_path, _ = write_report(run_dir, overwrite=True)
+    assert markdown_path.name == "report.md" and markdown_path.read_text() != "my notes"
+
+
+def test_accuracy_plot_takes_problem_ids_literally() -> None:
+    from mathtool.metrics.plots import accuracy_plot
+
+    rows = per_problem_rows([traj("a$\\frac{b$", 0, 1.0), traj("p2", 0, 0.0)])  # broken mathtext if parsed
+    assert len(accuracy_plot(rows)) > 1000
