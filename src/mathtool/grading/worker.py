@@ -1,0 +1,37 @@
+"""The grader worker process: `main()` with argv `FD [MODULE ...]` (started by pool.KillablePool).
+
+It imports the modules, says it is ready on the socket FD, then runs pickled `(function, args)` jobs one
+at a time until the socket closes. A plain subprocess, not multiprocessing's spawn, so the parent's
+`__main__` is never re-imported (a script without an `if __name__ == "__main__"` guard still works).
+"""
+
+from __future__ import annotations
+
+import importlib
+import signal
+import sys
+from multiprocessing.connection import Connection
+
+READY = "ready"
+
+
+def serve(conn: Connection, preload: list[str]) -> None:
+    """Import `preload`, say ready, then answer jobs with (True, result) or (False, error text)."""
+    for module in preload:
+        importlib.import_module(module)
+    conn.send(READY)
+    while True:
+        try:
+            fn, args = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            reply = (True, fn(*args))
+        except Exception as exc:  # the job's failure goes back to the caller
+            reply = (False, f"{type(exc).__name__}: {str(exc)[:500]}")
+        conn.send(reply)
+
+
+def main() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent, which then ends us
+    serve(Connection(int(sys.argv[1])), sys.argv[2:])

@@ -1,0 +1,370 @@
+"""The grader: final-answer extraction, equivalence, bounds on adversarial input, concurrency, stuck workers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mathtool.grading import GradeResult, extract_boxed, grade, grade_async, is_correct
+from mathtool.grading import grader as grader_module
+from mathtool.grading.extract import MAX_ANSWER_CHARS, find_final_answer
+from mathtool.grading.pool import KillablePool, WorkerError, WorkerTimeout
+
+
+def data_dir() -> Path:
+    """The shared data mirror: MATHTOOL_TEST_DATA, else ../shared/data beside the repository."""
+    configured = os.environ.get("MATHTOOL_TEST_DATA")
+    path = Path(configured) if configured else Path(__file__).parents[1] / ".." / "shared" / "data"
+    assert path.is_dir(), f"data mirror not found at {path}: set MATHTOOL_TEST_DATA"
+    return path
+
+
+def boxed(answer: str) -> str:
+    return f"Some reasoning first.\n\nThe final answer is $\\boxed{{{answer}}}$."
+
+
+@pytest.fixture(scope="module", autouse=True)
+def warm_pool() -> None:
+    """Start the shared workers once, so that timing bounds below measure grading, not Python start-up."""
+    with ThreadPoolExecutor(8) as threads:
+        list(threads.map(lambda _: grade(boxed("\\frac{1}{2}"), "0.5"), range(8)))
+
+
+# --- extraction -------------------------------------------------------------------------------------
+
+EXTRACTION_CASES = [
+    ("\\boxed{5}", "5"),
+    ("so $\\boxed{\\frac{1}{2}}$.", "\\frac{1}{2}"),
+    ("\\boxed{\\frac{\\sqrt{3}}{2}} and \\boxed{\\left(1,\\frac{2}{3}\\right)}", "\\left(1,\\frac{2}{3}\\right)"),
+    ("first \\boxed{3} then \\fbox{4}", "4"),
+    ("\\fbox{12}", "12"),
+    ("the answer is \\boxed 5$ done", "5"),
+    ("the answer is \\boxed 42.", "42."),
+    ("\\boxed {7}", "7"),
+    ("\\boxed{\\{1,2\\}}", "\\{1,2\\}"),
+    ("\\boxed{\\text{a \\} b}}", "\\text{a \\} b}"),
+    ("\\boxed{\\boxed{8}}", "8"),
+    ("\\boxed{  x = 5  }", "x = 5"),
+    ("<think>maybe \\boxed{1}</think> so \\boxed{2}", "2"),
+    ("<think>\\boxed{1}</think><think>\\boxed{3}</think>\\boxed{4}", "4"),
+    ("\\boxed{9}\n" + "text " * 1000, "9"),
+]
+
+NO_ANSWER_CASES = [
+    ("no answer here", "no boxed answer"),
+    ("", "no boxed answer"),
+    ("<think>\\boxed{3}</think> I am not sure.", "no boxed answer"),
+    ("\\boxed{}", "no boxed answer"),
+    ("\\boxed{   }", "no boxed answer"),
+    ("\\boxedanswer{3}", "no boxed answer"),
+    ("\\boxed{1} and finally \\boxed{2", "unclosed boxed answer"),
+    ("\\boxed{" + "{" * 20_000 + "1" + "}" * 20_001, "answer too long"),
+    ("\\boxed{" + "x" * (MAX_ANSWER_CHARS + 1) + "}", "answer too long"),
+]
+
+
+@pytest.mark.parametrize(("response", "expected"), EXTRACTION_CASES)
+def test_extract_boxed_finds_the_last_box(response: str, expected: str) -> None:
+    assert extract_boxed(response) == expected
+
+
+@pytest.mark.parametrize(("response", "why"), NO_ANSWER_CASES)
+def test_no_answer_is_none_with_a_reason(response: str, why: str) -> None:
+    assert extract_boxed(response) is None
+    assert find_final_answer(response) == (None, why)
+    assert grade(response, "1") == GradeResult(None, False, why)
+
+
+def test_extraction_is_linear_on_megabytes() -> None:
+    responses = ["x" * 2_000_000, "\\boxed{" * 300_000, "\\boxed{" + "{" * 2_000_000, "}" * 2_000_000]
+    for response in responses:
+        started = time.perf_counter()
+        extract_boxed(response)
+        assert time.perf_counter() - started < 1.0
+
+
+# --- equivalence ------------------------------------------------------------------------------------
+
+EQUIVALENT_CASES = [
+    ("25", "25"),
+    ("025", "25"),
+    ("25", "025"),
+    ("007", 7),
+    ("7", 7),
+    ("\\frac{1}{2}", "0.5"),
+    ("0.5", "\\frac12"),
+    ("1/2", "\\frac{1}{2}"),
+    ("4.8", "\\frac{24}5"),
+    ("\\dfrac{24}{5}", "$\\frac{24}5$"),
+    ("2\\sqrt{2}", "\\sqrt{8}"),
+    ("\\frac{1}{2}\\sqrt{3}", "\\frac{\\sqrt{3}}{2}"),
+    ("\\sqrt[3]{2}", "2^{1/3}"),
+    ("\\frac{\\pi}{2}", "\\pi/2"),
+    ("\\{2,1\\}", "\\{1,2\\}"),
+    ("[-2, 4]", "[-2,4]"),
+    ("\\left[\\frac{5}{12},\\frac{2}{3}\\right]", "[\\frac{5}{12},\\frac{2}{3}]"),
+    ("(4\\sqrt3,\\pi/6)", "\\left( 4 \\sqrt{3}, \\frac{\\pi}{6} \\right)"),
+    ("90", "90^\\circ"),
+    ("90^{\\circ}", "90^\\circ"),
+    ("x=5", "5"),
+    ("5", "x=5"),
+    ("\\text{5}", "5"),
+    ("\\textbf{5}", "5"),
+    ("1,000", "1000"),
+    ("14{,}238", "14238"),
+    ("0.2", "20\\%"),
+    ("20\\%", "$20\\%$"),
+    ("(x+1)^2", "x^2+2x+1"),
+    ("t^2-121", "(t-11)(t+11)"),
+    ("5-11i", "5 - 11i"),
+    ("-13.5", "-13\\frac{1}{2}"),
+    ("5 \\text{ cm}", "5"),
+    ("\\text{(E)}", "E"),
+    ("\\infty", "\\infty"),
+]
+
+NOT_EQUIVALENT_CASES = [
+    ("24", "25"),
+    ("-5", "5"),
+    ("250", "25"),
+    ("(-2,4)", "[-2,4]"),
+    ("\\frac{1}{3}", "0.333"),
+    ("3.14159", "\\pi"),
+    ("2.0001", "2"),
+    ("\\sqrt{2}", "2"),
+    ("x=6", "5"),
+    ("\\{1,2,3\\}", "\\{1,2\\}"),
+    ("(1,2)", "(2,1)"),
+    ("x^2-1", "(x-1)^2"),
+    ("\\frac{\\pi}{2}", "90"),
+    ("\\text{E}", "25"),
+    ("D", "\\text{(C)}"),
+    ("\\textbf{(C)}\\ 28", "\\text{(D)}"),
+    ("\\textbf{(B)}\\ 7", "8"),
+    ("\\text{12 apples}", "13"),
+]
+
+# What math-verify 0.9.0 alone gets wrong (see test_math_verify_alone_misses) and the grader fixes.
+MATH_VERIFY_MISSES = [
+    ("\\textbf{(B)}\\ 7", "7"),
+    ("\\text{(D) } \\frac{\\sqrt{2}}{2}", "\\frac{\\sqrt{2}}{2}"),
+    ("\\textbf{(E) 24}", "24"),
+    ("\\mathrm{(B)\\ }18", "18"),
+    ("\\textbf{(025)}", "25"),
+    ("\\textbf{(051) }", "051"),
+    ("\\text{245 yd.}", "245 yd."),
+    ("\\text{10 dollars}", "10"),
+    ("7.", "7"),
+    ("\\textbf{(B)}\\ {-}13.5", "-13.5"),
+    ("\\Big[\\frac{5}{12},\\frac{2}{3}\\Big]", "[\\frac{5}{12},\\frac{2}{3}]"),
+    ("\\textbf{(C)}\\ 28", "\\text{(C)}"),
+]
+
+
+@pytest.mark.parametrize(("answer", "ground_truth"), EQUIVALENT_CASES + MATH_VERIFY_MISSES)
+def test_equivalent_answers_are_correct(answer: str, ground_truth: str | int) -> None:
+    result = grade(boxed(answer), ground_truth)
+    assert result == GradeResult(answer, True, "equivalent")
+    assert is_correct(boxed(answer), ground_truth) is True
+
+
+@pytest.mark.parametrize(("answer", "ground_truth"), NOT_EQUIVALENT_CASES)
+def test_different_answers_are_wrong(answer: str, ground_truth: str) -> None:
+    assert grade(boxed(answer), ground_truth) == GradeResult(answer, False, "not equivalent")
+    assert is_correct(boxed(answer), ground_truth) is False
+
+
+@pytest.mark.parametrize(("answer", "ground_truth"), MATH_VERIFY_MISSES)
+def test_math_verify_alone_misses(answer: str, ground_truth: str) -> None:
+    """Fails when a math-verify upgrade handles a case itself: then its rule in normalize.py can go."""
+    from math_verify import parse, verify
+
+    assert not verify(parse(f"\\boxed{{{ground_truth}}}"), parse(f"\\boxed{{{answer}}}"))
+
+
+def test_only_the_last_boxed_answer_counts() -> None:
+    listing = "It is \\boxed{3} or maybe \\boxed{5}."
+    assert not is_correct(listing, "3")
+    assert is_correct(listing, "5")
+    assert not is_correct("\\boxed{3}</think> the answer is \\boxed{4}", 3)
+
+
+def test_deepscaler_solutions_grade_against_their_answers() -> None:
+    rows = [json.loads(line) for line in (data_dir() / "deepscaler.jsonl").open()]
+    rows = [row for row in rows if row.get("solution")][:300]
+    results = [grade(row["solution"], row["answer"]) for row in rows]
+    exact = [r for r, row in zip(results, rows, strict=True) if r.extracted == row["answer"].strip("$")]
+    assert exact and all(r.correct for r in exact)
+    assert sum(r.correct for r in results) / len(results) > 0.9  # the rest box a choice letter, or err
+
+
+# --- bounded on adversarial input -------------------------------------------------------------------
+
+ADVERSARIAL = {
+    "power tower": "\\boxed{9^{9^{9^{9^{9}}}}}",
+    "huge factorial": "\\boxed{(10^{10})!}",
+    "deep braces in the box": "\\boxed{" + "{" * 400 + "1" + "}" * 400 + "}",
+    "20k nested braces": "\\boxed{" + "{" * 20_000 + "1" + "}" * 20_000 + "}",
+    "2 MB before the box": "1+" * 1_000_000 + "\\boxed{9^{9^{9}}}",
+    "2 MB unclosed": "\\boxed{" + "(" * 2_000_000,
+}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name", ADVERSARIAL)
+def test_adversarial_answers_are_wrong_within_the_timeout(name: str) -> None:
+    started = time.perf_counter()
+    result = grade(ADVERSARIAL[name], "5", timeout_s=1.0)
+    elapsed = time.perf_counter() - started
+    assert not result.correct
+    assert result.reason in {"timeout", "not equivalent", "answer too long", "unclosed boxed answer"}
+    assert elapsed < 1.0 + grader_module.KILL_GRACE_S + 2.0, f"{name} took {elapsed:.1f} s"
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_stuck_past_its_own_timer_is_killed_and_replaced(monkeypatch: pytest.MonkeyPatch) -> None:
+    pool = grader_module._shared().pool
+    before = set(pool.pids())
+    monkeypatch.setattr(grader_module, "KILL_GRACE_S", -0.9)  # the parent gives up before the worker's timer
+    started = time.perf_counter()
+    result = grade(ADVERSARIAL["power tower"], "5", timeout_s=1.0)
+    assert result == GradeResult("9^{9^{9^{9^{9}}}}", False, "timeout")
+    assert time.perf_counter() - started < 3.0
+    monkeypatch.undo()
+    survivors = set(pool.pids())
+    assert len(survivors) == len(before) - 1 and survivors < before  # the stuck one was killed
+    with ThreadPoolExecutor(pool.size) as threads:  # hold every slot at once: the empty one restarts
+        list(threads.map(lambda _: pool.call(time.sleep, (0.5,), 30, 30), range(pool.size)))
+    assert len(pool.pids()) == pool.size
+    assert is_correct(boxed("\\frac{2}{4}"), "0.5")
+
+
+# --- concurrency ------------------------------------------------------------------------------------
+
+MIXED = [(boxed(a), g, True) for a, g in EQUIVALENT_CASES[:12]] + [
+    (boxed(a), g, False) for a, g in NOT_EQUIVALENT_CASES[:12]
+]
+
+
+@pytest.mark.timeout(120)
+def test_eight_threads_at_once() -> None:
+    cases = MIXED * 3 + [(ADVERSARIAL["power tower"], "5", False)] * 2
+    started = time.perf_counter()
+    with ThreadPoolExecutor(8) as threads:
+        results = list(threads.map(lambda case: grade(case[0], case[1], timeout_s=2.0), cases))
+    assert [r.correct for r in results] == [expected for _, _, expected in cases]
+    assert time.perf_counter() - started < 60
+
+
+@pytest.mark.timeout(120)
+async def test_asyncio_gather_many_without_blocking_the_loop() -> None:
+    beats = 0
+    done = asyncio.Event()
+
+    async def heartbeat() -> None:
+        nonlocal beats
+        while not done.is_set():
+            await asyncio.sleep(0.01)
+            beats += 1
+
+    beat = asyncio.create_task(heartbeat())
+    cases = MIXED * 4 + [(ADVERSARIAL["power tower"], "5", False)] * 2  # the towers take a second each
+    started = time.perf_counter()
+    results = await asyncio.gather(*(grade_async(response, truth, timeout_s=1.0) for response, truth, _ in cases))
+    elapsed = time.perf_counter() - started
+    done.set()
+    await beat
+    assert [r.correct for r in results] == [expected for _, _, expected in cases]
+    assert elapsed >= 1.0
+    assert beats >= 10, f"the event loop ran only {beats} times in {elapsed:.1f} s of grading"
+
+
+@pytest.mark.timeout(120)
+def test_a_forked_child_grades_with_its_own_workers_and_leaves_the_parents_alone() -> None:
+    parent_pool = grader_module._shared().pool
+    parent_pids = parent_pool.pids()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        ok = is_correct(boxed("\\frac{3}{6}"), "0.5") and grader_module._shared().pool is not parent_pool
+        parent_pool.shutdown()  # what the child's atexit does: must not touch the parent's workers
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert parent_pool.pids() == parent_pids
+    assert is_correct(boxed("\\frac{4}{8}"), "0.5")
+
+
+# --- the worker pool itself -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pool() -> Iterator[KillablePool]:
+    pool = KillablePool(size=1)
+    yield pool
+    pool.shutdown()
+
+
+@pytest.mark.timeout(120)
+def test_pool_kills_a_stuck_worker_and_replaces_it(pool: KillablePool) -> None:
+    assert pool.call(math.factorial, (5,), timeout_s=30, wait_s=30) == 120
+    [first_pid] = pool.pids()
+    started = time.perf_counter()
+    with pytest.raises(WorkerTimeout):
+        pool.call(time.sleep, (60,), timeout_s=0.5, wait_s=30)
+    assert time.perf_counter() - started < 5
+    assert pool.pids() == []
+    assert pool.call(math.factorial, (6,), timeout_s=30, wait_s=30) == 720
+    assert pool.pids() != [first_pid]
+
+
+@pytest.mark.timeout(120)
+def test_pool_reports_job_errors_and_keeps_the_worker(pool: KillablePool) -> None:
+    assert pool.call(math.factorial, (3,), timeout_s=30, wait_s=30) == 6
+    pids = pool.pids()
+    with pytest.raises(WorkerError, match="ValueError"):
+        pool.call(math.factorial, (-1,), timeout_s=30, wait_s=30)
+    assert pool.pids() == pids
+
+
+@pytest.mark.timeout(120)
+def test_pool_bounds_the_wait_for_a_free_worker(pool: KillablePool) -> None:
+    pool.call(math.factorial, (1,), timeout_s=30, wait_s=30)
+    busy = threading.Thread(target=lambda: _ignore_timeout(pool, time.sleep, (3,), timeout_s=2))
+    busy.start()
+    time.sleep(0.2)
+    with pytest.raises(WorkerTimeout, match="no free grader worker"):
+        pool.call(math.factorial, (2,), timeout_s=30, wait_s=0.3)
+    busy.join()
+
+
+def _ignore_timeout(pool: KillablePool, fn: Callable[..., Any], args: tuple[Any, ...], timeout_s: float) -> None:
+    try:
+        pool.call(fn, args, timeout_s=timeout_s, wait_s=30)
+    except WorkerTimeout:
+        pass
+
+
+@pytest.mark.timeout(120)
+def test_pool_replaces_a_worker_that_died(pool: KillablePool) -> None:
+    assert pool.call(math.factorial, (4,), timeout_s=30, wait_s=30) == 24
+    [pid] = pool.pids()
+    os.kill(pid, signal.SIGKILL)  # dies between calls
+    deadline = time.monotonic() + 10
+    while pool.pids() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pool.call(math.factorial, (4,), timeout_s=30, wait_s=30) == 24
+    with pytest.raises(WorkerError, match="died"):
+        pool.call(os._exit, (3,), timeout_s=30, wait_s=30)  # dies during a call
+    assert pool.call(math.factorial, (5,), timeout_s=30, wait_s=30) == 120
+    assert pid not in pool.pids() and len(pool.pids()) == 1
