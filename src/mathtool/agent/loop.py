@@ -1,0 +1,210 @@
+"""run_agent(): one trajectory. Prompt -> model -> tool calls -> sandbox -> ... -> \\boxed{} -> grade.
+
+Token-exact when the backend takes token-id prompts: the conversation is rendered with the model's own
+chat template on the client, the ids the server returned are kept, and each turn's rendered prompt is
+checked to extend the previous ids exactly. Otherwise the loop falls back to chat completions.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from mathtool.agent import trajectory as T
+from mathtool.agent.parsers import HERMES, MARKDOWN, ToolCall, parse_tool_calls
+from mathtool.agent.prompts import initial_messages, tool_result_message
+from mathtool.agent.trajectory import Trajectory
+from mathtool.data.problem import Problem
+from mathtool.errors import MathtoolError
+from mathtool.grading import extract_boxed, grade_async
+from mathtool.llm.base import Completion, LLMBackend, SamplingParams
+from mathtool.sandbox.tool import PYTHON_TOOL, format_tool_result
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    tool_format: str = MARKDOWN
+    max_turns: int = 5
+    max_response_length: int = 16384  # model tokens across all turns
+    max_prompt_length: int = 2048  # the first prompt
+    context_length: int | None = None  # the server's; prompt + response must fit
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+
+def turn_seed(seed: int, problem_id: str, sample: int, turn: int) -> int:
+    """A distinct, reproducible sampling seed for each (problem, sample, turn) of a seeded run."""
+    return zlib.crc32(f"{seed}/{problem_id}/{sample}/{turn}".encode())
+
+
+def render(tokenizer: Any, messages: list[dict], tool_format: str, generation_prompt: bool = True) -> list[int]:
+    """The conversation as token ids, rendered with the tokenizer's own chat template."""
+    tools = [PYTHON_TOOL] if tool_format == HERMES else None
+    out = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=generation_prompt,
+                                        tokenize=True)
+    return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+
+
+@dataclass
+class _TokenRecord:
+    """The growing token record: prompt, then model tokens (mask 1) and everything else (mask 0)."""
+
+    prompt: list[int]
+    ids: list[int] = field(default_factory=list)
+    mask: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    exact: bool = True
+
+    @property
+    def full(self) -> list[int]:
+        return self.prompt + self.ids
+
+    def add_model(self, completion: Completion) -> None:
+        ids = completion.token_ids or []
+        self.ids += ids
+        self.mask += [1] * len(ids)
+        self.logprobs += completion.logprobs or [0.0] * len(ids)
+
+    def add_env(self, through_model: list[int], rendered: list[int]) -> None:
+        """Append what follows the model's turn (template tokens, tool output, the next generation prompt)
+        without re-tokenizing the model's text, which can tokenize differently from how it was sampled.
+
+        `through_model` is the conversation rendered up to the model's last turn; `rendered` adds the tool
+        results and the generation prompt. The tokens after the model's final (end-of-turn) token in
+        `through_model`, then the rest of `rendered`, are the environment's.
+        """
+        tail = through_model[-8:]
+        last = self.ids[-1] if self.ids else None
+        if rendered[: len(through_model)] != through_model or last not in tail:
+            self._resync(rendered)
+            return
+        after_end = tail[len(tail) - tail[::-1].index(last) :]
+        extra = after_end + rendered[len(through_model) :]
+        self.ids += extra
+        self.mask += [0] * len(extra)
+        self.logprobs += [0.0] * len(extra)
+
+    def _resync(self, rendered: list[int]) -> None:
+        """The template cannot be extended token-exactly: continue from `rendered`, masking the past."""
+        self.exact = False
+        log.warning("the chat template does not extend the sampled tokens; earlier model tokens are masked out")
+        if rendered[: len(self.prompt)] != self.prompt:
+            self.prompt, rendered = rendered, []
+        else:
+            rendered = rendered[len(self.prompt) :]
+        self.ids, self.mask, self.logprobs = rendered, [0] * len(rendered), [0.0] * len(rendered)
+
+
+class _Run:
+    """The state of one trajectory while it runs."""
+
+    def __init__(self, problem: Problem, sample: int, llm: LLMBackend, config: AgentConfig, tokenizer: Any):
+        self.problem, self.llm, self.config, self.tokenizer = problem, llm, config, tokenizer
+        self.traj = Trajectory(problem_id=problem.id, sample=sample, ground_truth=problem.answer)
+        self.traj.messages = initial_messages(problem, config.tool_format)
+        self.traj.timings = {"generation": 0.0, "tools": 0.0, "grading": 0.0}
+        self.tokens: _TokenRecord | None = None
+        if llm.supports_token_ids and tokenizer is not None:
+            self.tokens = _TokenRecord(render(tokenizer, self.traj.messages, config.tool_format))
+
+    def budget(self) -> tuple[int, str]:
+        """How many tokens the next turn may generate, and what runs out first."""
+        left = self.config.max_response_length - self.traj.response_tokens
+        if self.config.context_length and self.tokens is not None:
+            room = self.config.context_length - len(self.tokens.full)
+            if room < left:
+                return room, T.CONTEXT
+        return left, T.BUDGET
+
+    async def generate(self, max_tokens: int) -> Completion:
+        seed = self.config.sampling.seed
+        if seed is not None:
+            seed = turn_seed(seed, self.problem.id, self.traj.sample, self.traj.num_turns)
+        params = replace(self.config.sampling, max_tokens=max_tokens, seed=seed)
+        started = time.perf_counter()
+        if self.tokens is not None:
+            completion = await self.llm.complete_tokens(self.tokens.full, params)
+            self.tokens.add_model(completion)
+        else:
+            completion = await self.llm.complete_chat(self.traj.messages, params)
+        self.traj.timings["generation"] += time.perf_counter() - started
+        self.traj.response_tokens += completion.num_tokens
+        self.traj.num_turns += 1
+        self.traj.messages.append({"role": "assistant", "content": completion.text})
+        return completion
+
+    async def run_tools(self, calls: list[ToolCall], session: Any) -> None:
+        started = time.perf_counter()
+        through_model = list(self.traj.messages)
+        for call in calls:
+            if call.code is None:
+                text = f"Error: {call.error}"
+            else:
+                self.traj.num_tool_calls += 1
+                text = format_tool_result(await session.run(call.code))
+            self.traj.messages.append(tool_result_message(text, self.config.tool_format))
+        self.traj.timings["tools"] += time.perf_counter() - started
+        if self.tokens is not None:
+            fmt = self.config.tool_format
+            self.tokens.add_env(render(self.tokenizer, through_model, fmt, generation_prompt=False),
+                                render(self.tokenizer, self.traj.messages, fmt))
+
+    async def loop(self, session: Any) -> str:
+        """Turns until the model answers, stops, or a limit is hit; returns the termination reason."""
+        if self.tokens is not None and len(self.tokens.prompt) > self.config.max_prompt_length:
+            return T.CONTEXT
+        for turn in range(self.config.max_turns):
+            max_tokens, limit = self.budget()
+            if max_tokens <= 0:
+                return limit
+            completion = await self.generate(max_tokens)
+            if completion.finish_reason == "length":
+                return limit
+            calls = parse_tool_calls(completion.text, self.config.tool_format)
+            boxed_after_calls = extract_boxed(completion.text[calls[-1].end :] if calls else completion.text)
+            if boxed_after_calls is not None:
+                return T.ANSWERED
+            if not calls:
+                return T.STOPPED
+            if turn == self.config.max_turns - 1:
+                return T.MAX_TURNS
+            await self.run_tools(calls, session)
+        return T.MAX_TURNS
+
+    async def finish(self, termination: str) -> Trajectory:
+        traj = self.traj
+        traj.termination = termination
+        if self.tokens is not None:
+            traj.prompt_ids, traj.completion_ids = self.tokens.prompt, self.tokens.ids
+            traj.completion_mask, traj.logprobs = self.tokens.mask, self.tokens.logprobs
+            traj.token_exact = self.tokens.exact
+        final = next((m["content"] for m in reversed(traj.messages) if m["role"] == "assistant"), "")
+        started = time.perf_counter()
+        result = await grade_async(final, self.problem.answer)
+        traj.timings["grading"] = time.perf_counter() - started
+        traj.extracted_answer, traj.reward = result.extracted, float(result.correct)
+        return traj
+
+
+async def run_agent(
+    problem: Problem,
+    sample: int,
+    llm: LLMBackend,
+    sandbox: Any,
+    config: AgentConfig,
+    tokenizer: Any = None,
+) -> Trajectory:
+    """Run one trajectory to its end. Server and loop failures are recorded, never raised."""
+    run = _Run(problem, sample, llm, config, tokenizer)
+    try:
+        async with sandbox.session() as session:
+            termination = await run.loop(session)
+    except Exception as e:  # one failed trajectory is recorded, never aborts a run
+        log.debug("trajectory %s/%d failed", problem.id, sample, exc_info=True)
+        run.traj.error = str(e) if isinstance(e, MathtoolError) else f"{type(e).__name__}: {e}"
+        termination = T.ERROR
+    return await run.finish(termination)

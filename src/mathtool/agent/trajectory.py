@@ -1,0 +1,39 @@
+"""The Trajectory: everything one agent run produced; the seam between evaluation and training."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+# Why a trajectory ended.
+ANSWERED = "answered"  # the model ended its turn with a final \boxed{} answer
+STOPPED = "stopped"  # the model ended its turn with neither a tool call nor a boxed answer
+BUDGET = "budget"  # max_response_length tokens used up
+MAX_TURNS = "max_turns"
+CONTEXT = "context"  # prompt plus response would exceed the context length
+ERROR = "error"  # the server or the loop failed; `error` says why
+
+
+@dataclass
+class Trajectory:
+    problem_id: str
+    sample: int
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    termination: str = ERROR
+    error: str | None = None
+    num_tool_calls: int = 0
+    num_turns: int = 0
+    response_tokens: int = 0  # model-generated tokens, all turns
+    reward: float = 0.0
+    extracted_answer: str | None = None
+    ground_truth: str = ""
+    # Token-exact record (present when the backend returns token ids):
+    prompt_ids: list[int] | None = None  # the first prompt, rendered with the chat template
+    completion_ids: list[int] | None = None  # everything after it: model tokens and tool/template tokens
+    completion_mask: list[int] | None = None  # 1 on model-generated tokens, 0 elsewhere
+    logprobs: list[float] | None = None  # one per completion id (0.0 where mask is 0)
+    token_exact: bool = True  # False when a turn's rendered prompt did not extend the previous ids
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: generation, tools, grading
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,163 @@
+"""The `mathtool` command: thin wrappers that parse flags, call the library, and print.
+
+Every user mistake (a MathtoolError) is printed as one line, with a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mathtool.errors import MathtoolError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Math-reasoning agents with a Python tool: prepare data, serve, eval, report.")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def one_line_errors(func):
+    """Show a MathtoolError as `error: <message>` and exit 2; Ctrl-C exits 130 without a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except MathtoolError as e:
+            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err_console.print("interrupted; rerun with --resume to continue where it stopped")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+@one_line_errors
+def prepare(
+    names: Annotated[list[str] | None, typer.Argument(help="Dataset names or files (default: aime2024 deepscaler).")] = None,
+    source: Annotated[Path | None, typer.Option(help="Mirror directory of <name>.jsonl files (else MATHTOOL_DATA_DIR, else the Hub).")] = None,
+) -> None:
+    """Register datasets in the local registry (parquet under MATHTOOL_HOME)."""
+    from mathtool.data import DEFAULT_DATASETS
+    from mathtool.data import prepare as prepare_dataset
+
+    for name in names or DEFAULT_DATASETS:
+        entry = prepare_dataset(name, source)
+        console.print(f"registered [bold]{name}[/] ({entry['split']}): {entry['rows']} rows from {entry['origin']}")
+
+
+@app.command()
+@one_line_errors
+def datasets() -> None:
+    """List registered datasets."""
+    from mathtool.data import registered
+    from mathtool.data.registry import datasets_dir
+
+    table = Table("name", "split", "rows", "origin", "sha256", "registered", title=str(datasets_dir()))
+    for manifest in registered():
+        for split, e in manifest["splits"].items():
+            table.add_row(manifest["name"], split, str(e["rows"]), e["origin"], e["sha256"][:12], e["registered_at"])
+    if not table.row_count:
+        console.print("no datasets registered yet; run `mathtool prepare`")
+        return
+    console.print(table)
+
+
+@app.command()
+@one_line_errors
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `mathtool eval`.")],
+    overwrite: Annotated[bool, typer.Option(help="Replace report.md/html instead of writing report-N.*")] = False,
+) -> None:
+    """Write report.md and a self-contained report.html for a run; print its summary."""
+    from mathtool.metrics import compute_metrics, load_run, summary_table, write_report
+
+    config, trajectories = load_run(run_dir)
+    console.print(summary_table(compute_metrics(trajectories, config.get("n_samples") or 1)))
+    markdown, page = write_report(run_dir, overwrite=overwrite)
+    console.print(f"wrote {markdown} and {page}")
+
+
+@app.command(name="eval")
+@one_line_errors
+def eval_command(
+    dataset: Annotated[str | None, typer.Option(help="Dataset name (aime2024, math500, ...) or a .jsonl/.parquet/.csv file.")] = None,
+    model: Annotated[str | None, typer.Option(help="Served model name, e.g. Qwen/Qwen3-4B (default: what the server serves).")] = None,
+    base_url: Annotated[list[str] | None, typer.Option(help="OpenAI-compatible server, e.g. http://host:30000/v1; repeat to spread requests. None: start the embedded model.")] = None,
+    tokenizer: Annotated[str | None, typer.Option(help="Tokenizer (Hub id or folder) for the chat template; default: --model.")] = None,
+    n_samples: Annotated[int | None, typer.Option(help="Samples per problem [4].")] = None,
+    n_parallel_agents: Annotated[int | None, typer.Option(help="Trajectories in flight [64; embedded 32].")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Sampling temperature [0.6].")] = None,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling [0.95].")] = None,
+    max_response_length: Annotated[int | None, typer.Option(help="Model tokens per trajectory, all turns [16384; embedded 1024].")] = None,
+    max_prompt_length: Annotated[int | None, typer.Option(help="Tokens of the first prompt [2048].")] = None,
+    max_turns: Annotated[int | None, typer.Option(help="Model turns per trajectory [5].")] = None,
+    tool_format: Annotated[str | None, typer.Option(help="hermes or markdown [from the chat template].")] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N problems.")] = None,
+    output: Annotated[Path | None, typer.Option(help="Run directory [runs/<dataset>-<time>].")] = None,
+    resume: Annotated[bool | None, typer.Option("--resume", help="Continue the run in --output: skip finished samples.")] = None,
+    source: Annotated[Path | None, typer.Option(help="Mirror directory of <name>.jsonl files (offline data).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML/JSON file with any of these settings (flags win).")] = None,
+) -> None:
+    """Evaluate a model with the Python tool on a dataset: Pass@1 and Pass@k."""
+    flags = {k: str(v) if isinstance(v, Path) else v for k, v in locals().items() if k != "config"}
+    import asyncio
+
+    from mathtool.engine.evaluate import run_eval
+    from mathtool.engine.settings import resolve
+    from mathtool.metrics import summary_table
+
+    settings, notes = resolve(config, flags)
+    if notes:
+        console.print(f"embedded model: smaller defaults {', '.join(notes)} (override with flags)")
+    metrics, run_dir = asyncio.run(run_eval(settings))
+    console.print(summary_table(metrics, title=f"{settings.dataset} ({run_dir})"))
+    ks = sorted(int(k.split("@")[1]) for k in metrics if k.startswith("pass@") and k.split("@")[1].isdigit())
+    console.print("  ".join(f"Pass@{k}: {metrics[f'pass@{k}']:.4f}" for k in ks if metrics[f"pass@{k}"] is not None))
+    if metrics.get("num_errors"):
+        err_console.print(f"error: {metrics['num_errors']} trajectories failed; rerun with --resume --output {run_dir}")
+        raise typer.Exit(1)
+
+
+@app.command()
+@one_line_errors
+def serve(
+    model: Annotated[str | None, typer.Option(help="Hub id or folder (vLLM/SGLang) or .gguf (llama.cpp) [the embedded SmolLM2-135M].")] = None,
+    engine: Annotated[str, typer.Option(help="vllm, sglang or llamacpp.")] = "vllm",
+    port: Annotated[int, typer.Option(help="Port; 0 picks a free one.")] = 30000,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    dtype: Annotated[str | None, typer.Option(help="Weights dtype [auto; embedded bfloat16].")] = None,
+    max_model_len: Annotated[int | None, typer.Option(help="Context length [the model's; embedded 4096].")] = None,
+    tensor_parallel_size: Annotated[int, typer.Option(help="GPUs per model replica.")] = 1,
+    data_parallel_size: Annotated[int, typer.Option(help="Model replicas.")] = 1,
+    tool_call_parser: Annotated[str | None, typer.Option(help="vLLM/SGLang tool-call parser, e.g. hermes (only for clients that want server-side tool parsing).")] = None,
+) -> None:
+    """Start an OpenAI-compatible model server and keep it running until Ctrl-C."""
+    from dataclasses import replace
+
+    from mathtool.serve import ServerSpec, embedded_spec, serve_forever
+
+    base = embedded_spec(port=port) if model is None else ServerSpec(model=model)
+    spec = replace(base, engine=engine, port=port, host=host, dtype=dtype or base.dtype,
+                   max_model_len=max_model_len or base.max_model_len, tensor_parallel_size=tensor_parallel_size,
+                   data_parallel_size=data_parallel_size, tool_call_parser=tool_call_parser)
+    serve_forever(spec)
+
+
+if __name__ == "__main__":
+    app()

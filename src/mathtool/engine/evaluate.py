@@ -1,0 +1,102 @@
+"""`mathtool eval`: settings -> problems -> (embedded) server -> backend -> engine -> metrics."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from mathtool.agent.loop import AgentConfig
+from mathtool.agent.parsers import HERMES, MARKDOWN
+from mathtool.data import load_problems
+from mathtool.engine.run_dir import RunDir
+from mathtool.engine.runner import evaluate
+from mathtool.engine.settings import EvalSettings
+from mathtool.llm.base import SamplingParams
+from mathtool.llm.openai_backend import OpenAIBackend
+from mathtool.metrics import compute_metrics
+from mathtool.sandbox import PythonSandbox
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_CONTEXT = 4096
+
+
+@contextlib.contextmanager
+def model_server(settings: EvalSettings) -> Iterator[tuple[list[str], str | None, str | None]]:
+    """The servers to use: the ones given, or the embedded model on vLLM's CPU build for the run.
+
+    Yields (base URLs, model name, tokenizer source).
+    """
+    if settings.base_url:
+        yield settings.base_url, settings.model, settings.tokenizer or settings.model
+        return
+    from mathtool.serve import embedded_spec, running_server
+
+    spec = embedded_spec(max_model_len=EMBEDDED_CONTEXT)
+    log.warning("no --base-url: starting the embedded %s on vLLM (CPU); this takes a few minutes",
+                spec.model_name)
+    with running_server(spec) as url:
+        yield [url], spec.model_name, settings.tokenizer or spec.model
+
+
+def load_tokenizer(source: str | None) -> Any:
+    """The model's tokenizer (for its chat template), or None: then the loop uses chat completions."""
+    if not source:
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(source)
+    except Exception as e:  # missing package, offline Hub, unknown id: fall back, loudly
+        log.warning("cannot load the tokenizer of %s (%s); using chat completions, not token-exact", source, e)
+        return None
+
+
+def choose_tool_format(settings: EvalSettings, tokenizer: Any) -> str:
+    """Hermes when the chat template knows tools (Qwen3), else markdown code blocks."""
+    if settings.tool_format:
+        return settings.tool_format
+    template = getattr(tokenizer, "chat_template", None) or ""
+    return HERMES if "tools" in template and "tool_call" in template else MARKDOWN
+
+
+def default_output(settings: EvalSettings) -> Path:
+    name = Path(settings.dataset).stem if Path(settings.dataset).suffix else settings.dataset
+    return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+async def run_eval(settings: EvalSettings) -> tuple[dict[str, Any], Path]:
+    """Run an evaluation to the end (or resume one); returns (metrics, run directory)."""
+    problems = load_problems(settings.dataset, source=settings.source)[: settings.limit]
+    output = Path(settings.output) if settings.output else default_output(settings)
+    with model_server(settings) as (urls, model, tokenizer_source):
+        async with await OpenAIBackend.connect(urls, model, request_timeout_s=settings.request_timeout_s) as llm:
+            tokenizer = load_tokenizer(tokenizer_source) if llm.supports_token_ids else None
+            tool_format = choose_tool_format(settings, tokenizer)
+            resolved = {**settings.to_json(), "model": llm.model, "base_url": urls, "tool_format": tool_format,
+                        "output": str(output), "token_exact": tokenizer is not None,
+                        "context_length": llm.max_model_len, "num_problems": len(problems)}
+            run_dir = RunDir(output, resolved, resume=settings.resume)
+            agent_config = AgentConfig(
+                tool_format=tool_format,
+                max_turns=settings.max_turns,
+                max_response_length=settings.max_response_length,
+                max_prompt_length=settings.max_prompt_length,
+                context_length=llm.max_model_len,
+                sampling=SamplingParams(settings.temperature, settings.top_p, seed=settings.seed),
+            )
+            try:
+                async with PythonSandbox(timeout_s=settings.tool_timeout_s) as sandbox:
+                    await evaluate(problems, settings.n_samples, run_dir, llm, sandbox, agent_config, tokenizer,
+                                   settings.n_parallel_agents)
+            finally:
+                run_dir.close()
+    ids = {p.id for p in problems}
+    trajectories = [t for t in run_dir.records() if t["problem_id"] in ids]
+    metrics = compute_metrics(trajectories, settings.n_samples)
+    run_dir.write_metrics(metrics)
+    return metrics, output

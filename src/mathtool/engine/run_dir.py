@@ -1,0 +1,80 @@
+"""The run directory: `config.json`, `trajectories.jsonl` (append-only), `metrics.json`, reports.
+
+Nothing here is overwritten silently: a directory that already holds trajectories is only reused with
+`resume=True`, and a torn last line (a run killed mid-write) is cut off with a warning and redone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from mathtool.agent.trajectory import ERROR
+from mathtool.errors import ConfigError
+from mathtool.metrics.run_files import CONFIG_FILE, TRAJECTORIES_FILE, read_trajectory_records
+
+log = logging.getLogger(__name__)
+
+METRICS = "metrics.json"
+
+
+def _cut_torn_tail(path: Path) -> None:
+    """Drop a last line that was not completely written (no newline, or not valid JSON)."""
+    data = path.read_bytes()
+    if not data:
+        return
+    keep = data if data.endswith(b"\n") else data[: data.rfind(b"\n") + 1]
+    lines = keep.splitlines(keepends=True)
+    if lines:
+        try:
+            json.loads(lines[-1])
+        except json.JSONDecodeError:
+            keep = keep[: len(keep) - len(lines[-1])]
+    if len(keep) != len(data):
+        log.warning("%s: dropped a torn last line (%d bytes); it will be redone", path, len(data) - len(keep))
+        with path.open("r+b") as f:
+            f.truncate(len(keep))
+
+
+class RunDir:
+    def __init__(self, path: Path, config: dict[str, Any], resume: bool):
+        self.path = path
+        self.trajectories_path = path / TRAJECTORIES_FILE
+        if self.trajectories_path.exists() and not resume:
+            raise ConfigError(f"{path} already holds a run; add --resume to continue it, or pick another --output")
+        path.mkdir(parents=True, exist_ok=True)
+        if resume and self.trajectories_path.exists():
+            _cut_torn_tail(self.trajectories_path)
+            self._check_same_config(config)
+        (path / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str))
+        self._file = self.trajectories_path.open("a", encoding="utf-8")
+
+    def _check_same_config(self, config: dict[str, Any]) -> None:
+        old_path = self.path / CONFIG_FILE
+        if not old_path.exists():
+            return
+        old = json.loads(old_path.read_text())
+        keys = ("dataset", "model", "tool_format", "max_turns", "max_response_length", "temperature")
+        changed = [k for k in keys if k in old and old.get(k) != config.get(k)]
+        if changed:
+            raise ConfigError(f"{self.path} was run with different {', '.join(changed)}; resume with the same flags")
+
+    def records(self) -> list[dict[str, Any]]:
+        """Trajectories written so far, the last record per (problem, sample)."""
+        return read_trajectory_records(self.trajectories_path) if self.trajectories_path.exists() else []
+
+    def finished(self) -> set[tuple[str, int]]:
+        """(problem, sample) pairs already done; errored ones are redone on resume."""
+        return {(r["problem_id"], r["sample"]) for r in self.records() if r.get("termination") != ERROR}
+
+    def append(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._file.flush()
+
+    def write_metrics(self, metrics: dict[str, Any]) -> None:
+        (self.path / METRICS).write_text(json.dumps(metrics, indent=2))
+
+    def close(self) -> None:
+        self._file.close()

@@ -1,0 +1,57 @@
+"""Tool-call parsers on well-formed and malformed model output: never a crash."""
+
+from __future__ import annotations
+
+import pytest
+
+from mathtool.agent.parsers import HERMES, MARKDOWN, parse_tool_calls
+
+
+def test_hermes_call_is_parsed() -> None:
+    text = 'Let me compute.\n<tool_call>\n{"name": "python", "arguments": {"code": "print(6*7)"}}\n</tool_call>'
+    [call] = parse_tool_calls(text, HERMES)
+    assert call.code == "print(6*7)" and call.error is None and call.end == len(text)
+
+
+def test_hermes_double_encoded_arguments() -> None:
+    text = '<tool_call>{"name": "python", "arguments": "{\\"code\\": \\"x=1\\"}"}</tool_call>'
+    assert parse_tool_calls(text, HERMES)[0].code == "x=1"
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        ('{"name": "python", "arguments": {"code": "print(1)"', "not valid JSON"),
+        ('{"name": "bash", "arguments": {"code": "ls"}}', "unknown tool"),
+        ('{"name": "python", "arguments": {"src": "print(1)"}}', "needs"),
+        ('{"name": "python", "arguments": {"code": "   "}}', "needs"),
+        ("[1, 2]", "unknown tool"),
+        ("", "not valid JSON"),
+    ],
+)
+def test_malformed_hermes_calls_become_errors(body: str, error: str) -> None:
+    [call] = parse_tool_calls(f"<tool_call>{body}</tool_call>", HERMES)
+    assert call.code is None and error in call.error
+
+
+def test_unclosed_hermes_call_at_end_of_text_is_still_read() -> None:
+    [call] = parse_tool_calls('<tool_call>{"name": "python", "arguments": {"code": "1"}}', HERMES)
+    assert call.code == "1"
+
+
+def test_calls_inside_thinking_are_ignored() -> None:
+    text = "<think>maybe ```python\nprint(1)\n``` no</think>\nNow:\n```python\nprint(2)\n```\n"
+    assert [c.code for c in parse_tool_calls(text, MARKDOWN)] == ["print(2)\n"]
+    think = '<think><tool_call>{"name": "python", "arguments": {"code": "1"}}</tool_call></think>done'
+    assert parse_tool_calls(think, HERMES) == []
+
+
+def test_markdown_blocks() -> None:
+    text = "```python\nx = 1\n```\ntext\n```py\nprint(x)\n```\n```\nnot python\n```\n```python\n```"
+    calls = parse_tool_calls(text, MARKDOWN)
+    assert [c.code for c in calls] == ["x = 1\n", "print(x)\n"]
+    assert text[calls[-1].end - 3 : calls[-1].end] == "```"
+
+
+def test_unterminated_markdown_block_is_not_run() -> None:
+    assert parse_tool_calls("```python\nwhile True: pass", MARKDOWN) == []
