@@ -1,0 +1,304 @@
+"""An LLM backend over OpenAI-compatible HTTP servers (vLLM, SGLang, llama.cpp), token-exact on vLLM.
+
+Token path (`complete_tokens`): POST /v1/completions with the prompt as token ids, `return_token_ids`
+and `logprobs: 0` (the sampled token's logprob only); vLLM answers with `choices[0].token_ids` (the
+generated ids, EOS included when the model ended its turn) and `choices[0].logprobs.token_logprobs`
+(one per id). No `stop` strings are sent: a stop string cuts the text but not the ids, so the turn ends
+only at the model's EOS or at `max_tokens`. Chat path (`complete_chat`): POST /v1/chat/completions.
+
+Built on httpx rather than the `openai` client: the token path lives in vLLM's extra request and
+response fields, which the typed client only passes through as untyped extras, and retries and
+spreading over several servers are done here (least in-flight first), so the client's own retry layer
+would only be switched off. One `httpx.AsyncClient` per backend, pooled for hundreds of connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from mathtool.errors import ServerError
+from mathtool.llm.base import Completion, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+PROBE_TIMEOUT_S = 10.0
+_MAX_CONNECTIONS = 512
+_BACKOFF_CAP_S = 8.0
+_START_HINT = "start one with `mathtool serve` or fix --base-url"
+
+
+@dataclass
+class _Endpoint:
+    root: str  # server root, without /v1
+    in_flight: int = 0
+    failures: int = 0  # transient failures in a row
+    down_until: float = 0.0  # monotonic time before which a failed endpoint is avoided
+
+
+class _TransientError(Exception):
+    """A failure worth retrying: connection trouble, 5xx, 429."""
+
+
+def server_root(base_url: str) -> str:
+    """`http://host:port` from a base URL given with or without the trailing /v1."""
+    url = base_url.strip().rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise ServerError(f"base URL {base_url!r} is not an http(s) URL; pass e.g. http://127.0.0.1:30000/v1")
+    return url.removesuffix("/v1")
+
+
+class OpenAIBackend:
+    """`LLMBackend` over one or more OpenAI-compatible servers serving the same model.
+
+    Build it with `await OpenAIBackend.connect(urls)`, which checks the servers and detects the model,
+    its context length and whether the token-exact path works; or construct it directly when those are
+    known. Use as `async with` or call `aclose()`.
+    """
+
+    def __init__(
+        self,
+        base_urls: Sequence[str],
+        model: str = "",
+        *,
+        supports_token_ids: bool = False,
+        max_model_len: int | None = None,
+        request_timeout_s: float = 600.0,
+        max_retries: int = 4,
+        backoff_s: float = 0.5,
+        api_key: str | None = None,
+    ) -> None:
+        if not base_urls:
+            raise ServerError("no model server URL given; pass --base-url or let the embedded server start")
+        self._endpoints = [_Endpoint(server_root(url)) for url in base_urls]
+        self.model = model
+        self.supports_token_ids = supports_token_ids
+        self.max_model_len = max_model_len
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(request_timeout_s, connect=PROBE_TIMEOUT_S),
+            limits=httpx.Limits(max_connections=_MAX_CONNECTIONS, max_keepalive_connections=_MAX_CONNECTIONS),
+            headers=headers,
+        )
+
+    @classmethod
+    async def connect(cls, base_urls: Sequence[str], model: str | None = None, **kwargs: Any) -> OpenAIBackend:
+        """Construct and `probe()`; raises a one-line ServerError if a server cannot be used."""
+        backend = cls(base_urls, model or "", **kwargs)
+        try:
+            await backend.probe()
+        except BaseException:
+            await backend.aclose()
+            raise
+        return backend
+
+    async def __aenter__(self) -> OpenAIBackend:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    # --- probing ---------------------------------------------------------------------------------
+
+    async def probe(self) -> None:
+        """Check every server answers /v1/models; set `model` (first served one unless given),
+        `max_model_len` (smallest reported) and `supports_token_ids`."""
+        cards = [await self._models(endpoint.root) for endpoint in self._endpoints]
+        for endpoint, served in zip(self._endpoints, cards, strict=True):
+            self._check_model(endpoint.root, served)
+        lengths = [
+            card["max_model_len"]
+            for served in cards
+            for card in served
+            if card.get("id") == self.model and isinstance(card.get("max_model_len"), int)
+        ]
+        self.max_model_len = min(lengths) if lengths else self.max_model_len
+        self.supports_token_ids = await self._probe_token_ids()
+        logger.info(
+            "model server(s) %s: model %s, context %s, token-exact: %s",
+            ", ".join(e.root for e in self._endpoints),
+            self.model,
+            self.max_model_len,
+            self.supports_token_ids,
+        )
+
+    async def _models(self, root: str) -> list[dict[str, Any]]:
+        try:
+            response = await self._client.get(root + "/v1/models", timeout=PROBE_TIMEOUT_S)
+        except httpx.HTTPError as exc:
+            raise ServerError(f"cannot reach a model server at {root} ({_describe(exc)}); {_START_HINT}") from exc
+        if response.status_code != 200:
+            raise ServerError(
+                f"{root}/v1/models answered HTTP {response.status_code} ({_error_text(response)}); "
+                f"is this an OpenAI-compatible server? {_START_HINT}"
+            )
+        return list(response.json().get("data") or [])
+
+    def _check_model(self, root: str, served: list[dict[str, Any]]) -> None:
+        names = [str(card.get("id")) for card in served]
+        if not self.model and names:
+            self.model = names[0]
+        if not self.model:
+            raise ServerError(f"{root} lists no models; pass --model")
+        if names and self.model not in names:
+            raise ServerError(
+                f"{root} does not serve model {self.model!r} (it serves {', '.join(names)}); fix --model or --base-url"
+            )
+
+    async def _probe_token_ids(self) -> bool:
+        """True when /v1/completions takes a token-id prompt and returns one id and one logprob per
+        generated token (vLLM); False for servers that reject or ignore those fields."""
+        payload = {
+            "model": self.model,
+            "prompt": [0, 0],
+            "max_tokens": 2,
+            "temperature": 0.0,
+            "logprobs": 0,
+            "return_token_ids": True,
+        }
+        try:
+            body = await self._post("/v1/completions", payload)
+        except ServerError as exc:
+            logger.info("token-id completions unsupported (%s); using chat completions", exc)
+            return False
+        choice = (body.get("choices") or [{}])[0]
+        ids = choice.get("token_ids")
+        logprobs = (choice.get("logprobs") or {}).get("token_logprobs")
+        generated = (body.get("usage") or {}).get("completion_tokens")
+        return (
+            isinstance(ids, list)
+            and bool(ids)
+            and isinstance(logprobs, list)
+            and len(ids) == len(logprobs) == generated
+        )
+
+    # --- generation ------------------------------------------------------------------------------
+
+    async def complete_tokens(self, prompt_ids: list[int], params: SamplingParams) -> Completion:
+        """Continue `prompt_ids`. `max_tokens` is clamped to the context left (when known); with no
+        room left this returns an empty completion with finish_reason "length"."""
+        room = params.max_tokens if self.max_model_len is None else self.max_model_len - len(prompt_ids)
+        max_tokens = min(params.max_tokens, room)
+        if max_tokens < 1:
+            return Completion(text="", finish_reason="length", token_ids=[], logprobs=[])
+        payload = {
+            "model": self.model,
+            "prompt": prompt_ids,
+            "logprobs": 0,
+            "return_token_ids": True,
+            **_sampling(params, max_tokens),
+        }
+        choice = (await self._post("/v1/completions", payload))["choices"][0]
+        ids = choice.get("token_ids")
+        logprobs = (choice.get("logprobs") or {}).get("token_logprobs")
+        if ids is None or logprobs is None or len(ids) != len(logprobs):
+            raise ServerError(
+                "the server returned no token ids or not one logprob per id; "
+                "serve the model with vLLM, or use the chat path"
+            )
+        return Completion(
+            text=choice["text"],
+            finish_reason=_finish_reason(choice),
+            token_ids=ids,
+            logprobs=[float(value) for value in logprobs],
+        )
+
+    async def complete_chat(self, messages: list[dict], params: SamplingParams) -> Completion:
+        payload = {"model": self.model, "messages": messages, **_sampling(params, params.max_tokens)}
+        choice = (await self._post("/v1/chat/completions", payload))["choices"][0]
+        return Completion(text=choice["message"].get("content") or "", finish_reason=_finish_reason(choice))
+
+    # --- transport -------------------------------------------------------------------------------
+
+    async def _post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """POST to the least busy healthy server. A transient failure takes that server out of rotation
+        for a backoff that doubles with each failure in a row; the request retries at once on another
+        server, or waits for the first to come back when all are out."""
+        for attempt in range(self.max_retries + 1):
+            endpoint = self._pick()
+            await asyncio.sleep(max(0.0, endpoint.down_until - time.monotonic()))
+            try:
+                body = await self._post_once(endpoint, path, payload)
+            except _TransientError as exc:
+                error = str(exc)
+                self._mark_failed(endpoint)
+                logger.warning("%s failed (attempt %d/%d): %s", path, attempt + 1, self.max_retries + 1, error)
+                continue
+            endpoint.failures, endpoint.down_until = 0, 0.0
+            return body
+        raise ServerError(
+            f"model server request {path} failed after {self.max_retries + 1} attempts "
+            f"(last: {error}); check the server is running (see its log) and restart it"
+        )
+
+    def _pick(self) -> _Endpoint:
+        """Healthy servers first, least in flight; when all are out, the one back soonest."""
+        now = time.monotonic()
+        return min(self._endpoints, key=lambda endpoint: (max(endpoint.down_until, now), endpoint.in_flight))
+
+    def _mark_failed(self, endpoint: _Endpoint) -> None:
+        now = time.monotonic()
+        if endpoint.down_until > now:  # one more failure of the same outage (concurrent requests)
+            return
+        endpoint.failures += 1
+        backoff = min(_BACKOFF_CAP_S, self.backoff_s * 2 ** (endpoint.failures - 1))
+        endpoint.down_until = now + backoff * random.uniform(0.5, 1.0)
+
+    async def _post_once(self, endpoint: _Endpoint, path: str, payload: dict[str, Any]) -> dict[str, Any]:
+        endpoint.in_flight += 1
+        try:
+            response = await self._client.post(endpoint.root + path, json=payload)
+        except httpx.TransportError as exc:
+            raise _TransientError(f"{endpoint.root}: {_describe(exc)}") from exc
+        finally:
+            endpoint.in_flight -= 1
+        if response.status_code == 200:
+            return response.json()
+        message = f"{endpoint.root}{path} answered HTTP {response.status_code}: {_error_text(response)}"
+        if response.status_code == 429 or response.status_code >= 500:
+            raise _TransientError(message)
+        raise ServerError(message)
+
+
+def _sampling(params: SamplingParams, max_tokens: int) -> dict[str, Any]:
+    fields: dict[str, Any] = {"max_tokens": max_tokens, "temperature": params.temperature, "top_p": params.top_p}
+    if params.seed is not None:
+        fields["seed"] = params.seed
+    return fields
+
+
+def _finish_reason(choice: dict[str, Any]) -> str:
+    """ "length" when max_tokens was reached, "stop" when the model ended its turn."""
+    reason = choice.get("finish_reason")
+    if reason == "length":
+        return "length"
+    if reason in ("stop", "tool_calls", "eos"):
+        return "stop"
+    raise ServerError(f"the server ended a generation with finish_reason={reason!r} (aborted?); check the server log")
+
+
+def _describe(exc: httpx.HTTPError) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _error_text(response: httpx.Response) -> str:
+    """The server's error message on one line, shortened."""
+    try:
+        body = response.json()
+        error = body.get("error", body) if isinstance(body, dict) else body
+        text = str(error.get("message", error) if isinstance(error, dict) else error)
+    except ValueError:
+        text = response.text
+    return " ".join(text.split())[:300]

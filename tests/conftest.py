@@ -1,0 +1,40 @@
+"""Shared fixtures: the read-only data mirror and the embedded vLLM server (started once per session)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from mathtool.serve.launch import embedded_spec, start_server
+
+
+@dataclass(frozen=True)
+class EmbeddedServer:
+    base_url: str  # OpenAI-style, ending in /v1
+    model: str  # the served model name to send as `model`
+    model_dir: Path  # the Hugging Face folder (tokenizer with chat template, weights)
+    log_path: Path
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The read-only data mirror (../shared/data beside the repo), or $MATHTOOL_TEST_DATA."""
+    override = os.environ.get("MATHTOOL_TEST_DATA")
+    return Path(override) if override else Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def embedded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]:
+    """The embedded SmolLM2 model on vLLM's CPU build, on a free port; ~2-3 min to start on 2 cores
+    (plus ~45 s the first time, to convert the GGUF into the cache)."""
+    spec = embedded_spec(port=0)
+    log_path = tmp_path_factory.mktemp("embedded-server") / "vllm.log"
+    server = start_server(spec, log_path=log_path)
+    try:
+        yield EmbeddedServer(server.base_url, spec.model_name, Path(spec.model), log_path)
+    finally:
+        server.stop()

@@ -1,0 +1,172 @@
+"""Serving and the OpenAI-compatible client against real vLLM servers: the session's embedded server,
+plus one more started and killed by `test_server_killed_mid_run_raises_server_error`."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from mathtool.errors import ServerError
+from mathtool.llm import OpenAIBackend, SamplingParams
+from mathtool.serve import ServerSpec, embedded_spec, start_server
+from mathtool.serve.embedded import EMBEDDED_MODEL_NAME
+from mathtool.serve.launch import resolve_port
+
+LONG_QUESTION = "Write a long, detailed essay about the history of mathematics, from Babylon to today."
+
+
+@pytest.fixture(scope="module")
+def tokenizer(embedded_server) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(embedded_server.model_dir)
+
+
+@pytest.fixture
+async def backend(embedded_server) -> AsyncIterator[OpenAIBackend]:
+    async with await OpenAIBackend.connect([embedded_server.base_url]) as backend:
+        yield backend
+
+
+def chat_ids(tokenizer: PreTrainedTokenizerBase, question: str) -> list[int]:
+    messages = [{"role": "user", "content": question}]
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"])
+
+
+def unused_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.server
+async def test_probe_detects_the_token_exact_path(backend: OpenAIBackend) -> None:
+    assert backend.model == EMBEDDED_MODEL_NAME
+    assert backend.supports_token_ids
+    assert backend.max_model_len == 4096
+
+
+@pytest.mark.server
+async def test_token_prompt_returns_ids_that_decode_to_the_text(backend, tokenizer) -> None:
+    prompt = chat_ids(tokenizer, "What is 2+3? Answer briefly.")
+    greedy = await backend.complete_tokens(prompt, SamplingParams(temperature=0.0, max_tokens=200))
+    assert greedy.finish_reason == "stop"
+    assert greedy.token_ids[-1] == tokenizer.eos_token_id  # the turn ends at EOS, which is kept
+    samples = await asyncio.gather(
+        *[
+            backend.complete_tokens(prompt, SamplingParams(temperature=1.0, max_tokens=64, seed=seed))
+            for seed in range(4)
+        ]
+    )
+    for completion in [greedy, *samples]:
+        assert tokenizer.decode(completion.token_ids, skip_special_tokens=True) == completion.text
+        assert len(completion.logprobs) == len(completion.token_ids)
+        assert all(value <= 0.0 for value in completion.logprobs)
+
+
+@pytest.mark.server
+async def test_logprobs_are_of_the_sampling_distribution(backend, tokenizer) -> None:
+    # The embedded server runs with --logprobs-mode processed_logprobs: with a nucleus of one token the
+    # sampled token has probability 1 (raw model logprobs would be well below 0).
+    prompt = chat_ids(tokenizer, LONG_QUESTION)
+    completion = await backend.complete_tokens(prompt, SamplingParams(temperature=1.0, top_p=1e-6, max_tokens=16))
+    assert all(value > -1e-3 for value in completion.logprobs)
+
+
+@pytest.mark.server
+async def test_small_max_tokens_finishes_with_length(backend, tokenizer) -> None:
+    completion = await backend.complete_tokens(chat_ids(tokenizer, LONG_QUESTION), SamplingParams(max_tokens=3))
+    assert completion.finish_reason == "length"
+    assert len(completion.token_ids) == len(completion.logprobs) == 3
+
+
+@pytest.mark.server
+async def test_prompt_at_the_context_limit_gives_an_empty_length_completion(backend) -> None:
+    completion = await backend.complete_tokens([198] * backend.max_model_len, SamplingParams(max_tokens=8))
+    assert (completion.finish_reason, completion.token_ids) == ("length", [])
+
+
+@pytest.mark.server
+async def test_chat_fallback(backend) -> None:
+    messages = [{"role": "user", "content": "What is 2+3?"}]
+    completion = await backend.complete_chat(messages, SamplingParams(max_tokens=16, seed=0))
+    assert completion.text.strip()
+    assert completion.finish_reason in ("stop", "length")
+    assert completion.token_ids is None
+
+
+@pytest.mark.server
+async def test_requests_move_off_a_dead_server(embedded_server, tokenizer) -> None:
+    dead = f"http://127.0.0.1:{unused_port()}/v1"
+    async with OpenAIBackend(
+        [dead, embedded_server.base_url], embedded_server.model, supports_token_ids=True, backoff_s=0.1
+    ) as backend:
+        prompt = chat_ids(tokenizer, "What is 2+3?")
+        completions = await asyncio.gather(
+            *[backend.complete_tokens(prompt, SamplingParams(max_tokens=4, seed=seed)) for seed in range(4)]
+        )
+    assert all(len(completion.token_ids) >= 1 for completion in completions)
+
+
+@pytest.mark.server
+async def test_unknown_model_name_is_one_clear_line(embedded_server) -> None:
+    with pytest.raises(ServerError, match="does not serve model 'no-such-model'") as caught:
+        await OpenAIBackend.connect([embedded_server.base_url], "no-such-model")
+    assert "\n" not in str(caught.value)
+
+
+async def test_unreachable_url_fails_fast_with_one_line() -> None:
+    url = f"http://127.0.0.1:{unused_port()}/v1"
+    started = time.monotonic()
+    with pytest.raises(ServerError) as caught:
+        await OpenAIBackend.connect([url])
+    assert time.monotonic() - started < 5
+    message = str(caught.value)
+    assert "\n" not in message and url.removesuffix("/v1") in message and "mathtool serve" in message
+
+
+def test_taken_port_is_an_error_and_port_zero_picks_a_free_one() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        taken = sock.getsockname()[1]
+        with pytest.raises(ServerError, match=f"port {taken} on 127.0.0.1 is already in use"):
+            resolve_port("127.0.0.1", taken)
+    assert resolve_port("127.0.0.1", 0) > 0
+
+
+@pytest.mark.slow
+def test_server_that_exits_while_starting_fails_fast_with_its_log(tmp_path: Path) -> None:
+    spec = ServerSpec(model=str(tmp_path / "no-such-model"), port=0)
+    started = time.monotonic()
+    with pytest.raises(ServerError, match="exited with code") as caught:
+        start_server(spec, log_path=tmp_path / "server.log", startup_timeout_s=300)
+    assert time.monotonic() - started < 120
+    first_line, *log_tail = str(caught.value).splitlines()
+    assert str(tmp_path / "server.log") in first_line and log_tail
+
+
+@pytest.mark.server
+async def test_server_killed_mid_run_raises_server_error(tokenizer, tmp_path: Path) -> None:
+    server = start_server(embedded_spec(port=0), log_path=tmp_path / "victim.log")
+    try:
+        async with await OpenAIBackend.connect([server.base_url], max_retries=2, backoff_s=0.2) as backend:
+            prompt = chat_ids(tokenizer, LONG_QUESTION)
+            params = SamplingParams(max_tokens=2000)
+            requests = [asyncio.create_task(backend.complete_tokens(prompt, params)) for _ in range(4)]
+            await asyncio.sleep(1.0)
+            assert not any(request.done() for request in requests)
+            os.killpg(server.process.pid, signal.SIGKILL)
+            killed = time.monotonic()
+            results = await asyncio.wait_for(asyncio.gather(*requests, return_exceptions=True), timeout=60)
+        assert time.monotonic() - killed < 30
+        for result in results:
+            assert isinstance(result, ServerError) and "\n" not in str(result)
+    finally:
+        server.stop()
