@@ -103,7 +103,7 @@ def eval_command(
     n_parallel_agents: Annotated[int | None, typer.Option(help="Trajectories in flight [64; embedded 32].")] = None,
     temperature: Annotated[float | None, typer.Option(help="Sampling temperature [0.6].")] = None,
     top_p: Annotated[float | None, typer.Option(help="Nucleus sampling [0.95].")] = None,
-    max_response_length: Annotated[int | None, typer.Option(help="Model tokens per trajectory, all turns [16384; embedded 1024].")] = None,
+    max_response_length: Annotated[int | None, typer.Option(help="Model tokens per trajectory, all turns [16384; embedded 768].")] = None,
     max_prompt_length: Annotated[int | None, typer.Option(help="Tokens of the first prompt [2048].")] = None,
     max_turns: Annotated[int | None, typer.Option(help="Model turns per trajectory [5].")] = None,
     tool_format: Annotated[str | None, typer.Option(help="hermes or markdown [from the chat template].")] = None,

@@ -38,7 +38,7 @@ class EvalSettings:
 
 
 # The embedded model is small and slow on a CPU: fewer tokens, fewer agents than the GPU defaults.
-EMBEDDED_DEFAULTS = {"max_response_length": 1024, "n_parallel_agents": 32}
+EMBEDDED_DEFAULTS = {"max_response_length": 768, "n_parallel_agents": 32}
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
