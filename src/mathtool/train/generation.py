@@ -1,0 +1,95 @@
+"""The generation backend the agent loops use during training, chosen by `TrainConfig.generation`.
+
+- `transformers`: the policy itself, in this process (`TransformersBackend`): CPU, or one GPU / DDP.
+- `vllm-server`: the vLLM server that `trl vllm-serve` starts (vLLM's OpenAI-compatible server with
+  weight transfer), through our `OpenAIBackend`, token-in/token-out. TRL pushes the new weights to it
+  before every rollout; every process sends its own requests.
+- `vllm-colocate`: the vLLM engine TRL builds inside each process (`trainer.vllm_generation.llm`),
+  with per-request sampling parameters; TRL syncs its weights before every rollout. Needs
+  `vllm_tensor_parallel_size` 1, since each process generates for its own prompts.
+
+In every mode the logprobs are the sampled tokens' under the rollout temperature, as TRL's importance
+sampling correction expects (`trl vllm-serve` runs vLLM with `--logprobs-mode processed_logprobs`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from mathtool.errors import ConfigError
+from mathtool.llm.base import Completion, LLMBackend, SamplingParams
+from mathtool.llm.transformers_backend import DynamicBatcher, Request, TransformersBackend
+from mathtool.train.config import TrainConfig
+from mathtool.train.runtime import AgentRuntime
+
+
+def backend_factory(config: TrainConfig, tokenizer: Any, runtime: AgentRuntime) -> Callable[[Any], LLMBackend]:
+    """A function of the trainer that builds the configured backend (called at the first rollout)."""
+
+    def make(trainer: Any) -> LLMBackend:
+        if config.generation == "transformers":
+            model = trainer.accelerator.unwrap_model(trainer.model)
+            return TransformersBackend(model, tokenizer, max_batch_size=config.generation_batch_size)
+        if config.generation == "vllm-server":
+            return runtime.run(_connect(_server_url(trainer.args)))
+        return VLLMColocateBackend(trainer.vllm_generation.llm, tokenizer)
+
+    return make
+
+
+async def _connect(url: str) -> LLMBackend:
+    from mathtool.llm.openai_backend import OpenAIBackend
+
+    backend = await OpenAIBackend.connect([url])
+    if not backend.supports_token_ids:
+        await backend.aclose()
+        raise ConfigError(f"the vLLM server at {url} does not take token-id prompts; training needs them")
+    return backend
+
+
+def _server_url(args: Any) -> str:
+    if args.vllm_server_base_url:
+        return args.vllm_server_base_url
+    host = "127.0.0.1" if args.vllm_server_host in ("0.0.0.0", "") else args.vllm_server_host
+    return f"http://{host}:{args.vllm_server_port}"
+
+
+class VLLMColocateBackend:
+    """`LLMBackend` over an in-process `vllm.LLM`: concurrent requests go to `LLM.generate` in batches."""
+
+    supports_token_ids = True
+
+    def __init__(self, llm: Any, tokenizer: Any, max_batch_size: int = 1024) -> None:
+        self.llm, self.tokenizer = llm, tokenizer
+        self.model = "vllm-colocate"
+        self.batcher = DynamicBatcher(self.generate_batch, max_batch_size)
+
+    async def complete_tokens(self, prompt_ids: list[int], params: SamplingParams) -> Completion:
+        if params.max_tokens < 1:
+            return Completion(text="", finish_reason="length", token_ids=[], logprobs=[])
+        return await self.batcher.submit(prompt_ids, params)
+
+    async def complete_chat(self, messages: list[dict], params: SamplingParams) -> Completion:
+        rendered = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = rendered["input_ids"] if hasattr(rendered, "keys") else rendered
+        return await self.complete_tokens(list(ids), params)
+
+    def close(self) -> None:
+        self.batcher.close()
+
+    def generate_batch(self, requests: list[Request]) -> list[Completion]:
+        from vllm import SamplingParams as VLLMSamplingParams
+
+        prompts = [{"prompt_token_ids": ids} for ids, _ in requests]
+        sampling = [VLLMSamplingParams(temperature=p.temperature, top_p=p.top_p, max_tokens=p.max_tokens,
+                                       logprobs=0, seed=p.seed) for _, p in requests]
+        outputs = self.llm.generate(prompts, sampling_params=sampling, use_tqdm=False)
+        return [_completion(output.outputs[0]) for output in outputs]
+
+
+def _completion(out: Any) -> Completion:
+    ids = list(out.token_ids)
+    logprobs = [float(step[token].logprob) for step, token in zip(out.logprobs or [], ids, strict=True)]
+    return Completion(text=out.text, finish_reason="length" if out.finish_reason == "length" else "stop",
+                      token_ids=ids, logprobs=logprobs)

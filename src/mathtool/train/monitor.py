@@ -1,0 +1,146 @@
+"""Per-step metrics (`metrics.jsonl`), the reward curve (`reward_curve.png`) and periodic evaluation.
+
+One row per optimizer step:
+- `reward_mean`, `reward_std` (over all trajectories of the step), `correct_mean`, `answered_mean`,
+  `tool_calls_mean`, `response_tokens_mean` (model tokens), `zero_advantage_groups` of `groups`
+  (groups whose rewards are all equal teach nothing), `masked` (trajectories kept out of the loss),
+  `token_inexact`, `terminations`;
+- TRL's `loss`, `grad_norm`, `learning_rate`;
+- time: `time_step_s` (wall), `time_rollout_s` (wall, all agent loops), `time_update_s` (the rest:
+  logprobs, loss, backward, optimizer), and `time_generation_s`, `time_tools_s`, `time_grading_s`, the
+  seconds the trajectories spent in each, summed over trajectories (they overlap one another);
+- `eval_pass@1` (and the other eval metrics) on evaluation steps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from statistics import fmean, pstdev
+from typing import Any
+
+from transformers import TrainerCallback
+
+from mathtool.train.evaluation import Evaluator
+from mathtool.train.rollout import AgentRollout, RolloutStats
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+CURVE_FILE = "reward_curve.png"
+
+
+def rollout_metrics(stats: RolloutStats) -> dict[str, Any]:
+    rows = stats.trajectories
+    groups: dict[str, list[float]] = defaultdict(list)
+    for row in rows:
+        groups[row["problem_id"]].append(row["reward"])
+
+    def mean(key: str) -> float:
+        return fmean(float(r[key]) for r in rows) if rows else 0.0
+
+    def total(key: str) -> float:
+        return round(sum(r.get(key, 0.0) for r in rows), 3)
+
+    return {
+        "reward_mean": mean("reward"),
+        "reward_std": pstdev([r["reward"] for r in rows]) if rows else 0.0,
+        "correct_mean": mean("correct"),
+        "answered_mean": mean("answered"),
+        "tool_calls_mean": mean("tool_calls"),
+        "response_tokens_mean": mean("response_tokens"),
+        "trajectories": len(rows),
+        "groups": len(groups),
+        "zero_advantage_groups": sum(len(set(g)) == 1 for g in groups.values()),
+        "masked": sum(not r["kept"] for r in rows),
+        "token_inexact": sum(not r["token_exact"] for r in rows),
+        "terminations": dict(Counter(r["termination"] for r in rows)),
+        "time_rollout_s": round(stats.wall_s, 3),
+        "time_generation_s": total("generation_s"),
+        "time_tools_s": total("tools_s"),
+        "time_grading_s": total("grading_s"),
+    }
+
+
+class TrainingMonitor(TrainerCallback):
+    """Writes a metrics row per step, redraws the reward curve, runs the evaluator when due."""
+
+    def __init__(self, output: Path, rollout: AgentRollout, evaluator: Evaluator | None, eval_every: int,
+                 accelerator: Any) -> None:
+        self.output, self.rollout, self.evaluator, self.eval_every = output, rollout, evaluator, eval_every
+        self.accelerator = accelerator
+        self._step_started = time.perf_counter()
+        self._step_wall = 0.0
+        self._eval: dict[str, Any] = {}
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._step_started = time.perf_counter()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._step_wall = time.perf_counter() - self._step_started
+        step = state.global_step
+        due = self.eval_every and step % self.eval_every == 0 or step >= state.max_steps
+        if self.evaluator is not None and due and self.rollout.backend is not None:
+            metrics = self.evaluator(step, self.rollout.backend, self.accelerator)
+            self._eval = {f"eval_{k}": v for k, v in metrics.items() if isinstance(v, int | float)}
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        stats = self.rollout.take_stats()
+        if not logs or "loss" not in logs or stats is None:
+            return
+        row = {"step": state.global_step, **rollout_metrics(stats)}
+        row.update({k: logs[k] for k in ("loss", "grad_norm", "learning_rate") if k in logs})
+        row["time_step_s"] = round(self._step_wall, 3)
+        row["time_update_s"] = round(max(self._step_wall - stats.wall_s, 0.0), 3)
+        row.update(self._eval)
+        self._eval = {}
+        if state.is_world_process_zero:
+            append_row(self.output / METRICS_FILE, row)
+            plot_reward_curve(read_rows(self.output / METRICS_FILE), self.output / CURVE_FILE)
+            log.info("step %d: reward %.3f, %.0f s", row["step"], row["reward_mean"], row["time_step_s"])
+
+
+def append_row(path: Path, row: dict[str, Any]) -> None:
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def keep_rows_until(path: Path, step: int) -> None:
+    """On resume: drop the rows of steps after the checkpoint, which are about to be redone."""
+    rows = [r for r in read_rows(path) if r["step"] <= step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def plot_reward_curve(rows: list[dict[str, Any]], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7.0, 3.6), layout="constrained")
+    FigureCanvasAgg(figure)
+    ax = figure.subplots()
+    steps = [r["step"] for r in rows]
+    ax.plot(steps, [r["reward_mean"] for r in rows], color="#bbbbbb", label="reward (step)")
+    ax.plot(steps, _running_mean([r["reward_mean"] for r in rows], 5), color="#4c72b0", label="reward (5-step mean)")
+    for key, color in (("correct_mean", "#55a868"), ("answered_mean", "#dd8452"), ("tool_calls_mean", "#8172b3")):
+        label = f"{key.removesuffix('_mean').replace('_', ' ')} (5-step mean)"
+        ax.plot(steps, _running_mean([r[key] for r in rows], 5), color=color, linewidth=1, label=label)
+    evals = [r for r in rows if "eval_pass@1" in r]
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["eval_pass@1"] for r in evals], "o-", color="#c44e52",
+                label="eval pass@1")
+    ax.set(title="GRPO training", xlabel="step", ylabel="mean per trajectory")
+    ax.legend(loc="best", fontsize=8)
+    figure.savefig(path, dpi=100)
+
+
+def _running_mean(values: list[float], window: int) -> list[float]:
+    return [fmean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]

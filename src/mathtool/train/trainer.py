@@ -1,0 +1,265 @@
+"""`train()`: GRPO on TRL's GRPOTrainer, with our agent loop as its rollout function.
+
+The output directory holds `train_config.json`, `metrics.jsonl`, `reward_curve.png`, `eval/step-N/`
+and `checkpoint-N/` folders (Hugging Face format: loadable by transformers, servable by vLLM, plus
+optimizer and trainer state for `--resume`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+from mathtool.agent.loop import AgentConfig
+from mathtool.agent.parsers import HERMES, MARKDOWN
+from mathtool.data.problem import Problem
+from mathtool.errors import ConfigError, DatasetError
+from mathtool.llm.base import SamplingParams
+from mathtool.train.config import ARITHMETIC, EMBEDDED_MODEL, TrainConfig, resolve
+from mathtool.train.curriculum import arithmetic_problems
+from mathtool.train.evaluation import Evaluator
+from mathtool.train.generation import backend_factory
+from mathtool.train.monitor import (
+    CURVE_FILE,
+    METRICS_FILE,
+    TrainingMonitor,
+    keep_rows_until,
+    plot_reward_curve,
+    read_rows,
+)
+from mathtool.train.rewards import reward_functions
+from mathtool.train.rollout import AgentRollout, MaskPolicy
+from mathtool.train.runtime import AgentRuntime
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "train_config.json"
+
+
+def train(preset: str | None, config_path: Path | None, max_steps: int | None, output: Path, resume: bool) -> Path:
+    """Train with GRPO until `max_steps`; returns the last checkpoint's folder.
+
+    Raises ConfigError (unknown preset, bad config, model not found, an output directory that already
+    holds checkpoints without `resume`) and DatasetError (missing or empty dataset).
+    """
+    config = resolve(preset, config_path, max_steps)
+    output = Path(output).expanduser()
+    checkpoint = resume_checkpoint(output, resume)
+    model, tokenizer = load_policy(config)
+    problems = training_problems(config)
+    eval_problems = evaluation_problems(config)
+    if _is_main_process():
+        output.mkdir(parents=True, exist_ok=True)
+        (output / CONFIG_FILE).write_text(json.dumps(config.to_json(), indent=2))
+        keep_rows_until(output / METRICS_FILE, _checkpoint_step(checkpoint))
+    with AgentRuntime(config.tool_timeout_s, config.tool_memory_mb, config.tool_isolation) as runtime:
+        trainer = build_trainer(config, model, tokenizer, problems, eval_problems, runtime, output)
+        try:
+            trainer.train(resume_from_checkpoint=checkpoint)
+        finally:
+            trainer.rollout_func.close()
+    if _is_main_process():
+        plot_reward_curve(read_rows(output / METRICS_FILE), output / CURVE_FILE)
+    last = _last_checkpoint(output)
+    if last is None:
+        raise ConfigError(f"training saved no checkpoint under {output}")
+    return last
+
+
+def build_trainer(
+    config: TrainConfig,
+    model: Any,
+    tokenizer: Any,
+    problems: list[Problem],
+    eval_problems: list[Problem],
+    runtime: AgentRuntime,
+    output: Path,
+) -> Any:
+    """A GRPOTrainer whose rollouts are our agent loops, with the metrics/eval callback attached."""
+    from datasets import Dataset
+    from trl import GRPOTrainer
+
+    agent_config = agent_settings(config, tokenizer)
+    functions, weights = reward_functions(config.reward_correct, config.reward_format, config.reward_tool)
+    rollout = AgentRollout(problems, runtime, tokenizer, agent_config, backend_factory(config, tokenizer, runtime),
+                           (functions, weights), MaskPolicy(config.mask_truncated, config.mask_inexact),
+                           config.n_parallel_agents)
+    with warnings.catch_warnings():  # rollout_func is marked experimental in TRL 1.16
+        warnings.filterwarnings("ignore", message="You are using 'rollout_func'")
+        trainer = GRPOTrainer(
+            model=model,
+            reward_funcs=functions,
+            args=grpo_args(config, output, weights),
+            train_dataset=Dataset.from_list([{"prompt": p.problem} for p in problems]),
+            processing_class=tokenizer,
+            rollout_func=rollout,
+        )
+    evaluator = None
+    if eval_problems:
+        evaluator = Evaluator(eval_problems, config.eval_samples, runtime, tokenizer, agent_config,
+                              config.n_parallel_agents, output)
+    trainer.add_callback(TrainingMonitor(output, rollout, evaluator, config.eval_every, trainer.accelerator))
+    return trainer
+
+
+def grpo_args(config: TrainConfig, output: Path, reward_weights: list[float]) -> Any:
+    from trl import GRPOConfig
+
+    use_vllm = config.generation != "transformers"
+    return GRPOConfig(
+        output_dir=str(output),
+        max_steps=config.max_steps,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=config.warmup_steps,
+        max_grad_norm=config.max_grad_norm,
+        per_device_train_batch_size=config.micro_batch_size,
+        gradient_accumulation_steps=accumulation_steps(config),
+        gradient_checkpointing=config.gradient_checkpointing,
+        bf16=config.bf16,
+        num_generations=config.rollouts_per_problem,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        max_completion_length=config.max_response_length,
+        epsilon=config.epsilon,
+        epsilon_high=config.epsilon_high,
+        beta=config.beta,
+        loss_type=config.loss_type,
+        mask_truncated_completions=False,  # the rollout masks by how each trajectory ended
+        reward_weights=reward_weights,
+        use_vllm=use_vllm,
+        vllm_mode="server" if config.generation == "vllm-server" else "colocate",
+        vllm_server_base_url=config.vllm_server_url,
+        vllm_gpu_memory_utilization=config.vllm_gpu_memory_utilization,
+        vllm_max_model_length=config.context_length if use_vllm else None,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=config.save_every,
+        save_total_limit=config.save_total_limit,
+        seed=config.seed,
+        report_to=[],
+    )
+
+
+def accumulation_steps(config: TrainConfig) -> int:
+    """Micro-batches per optimizer step, so that each step trains on one full generation batch."""
+    from accelerate import PartialState
+
+    per_step = config.problems_per_step * config.rollouts_per_problem
+    per_pass = config.micro_batch_size * PartialState().num_processes
+    if per_step % per_pass:
+        raise ConfigError(f"problems_per_step x rollouts_per_problem ({per_step}) must be a multiple of "
+                          f"micro_batch_size x processes ({per_pass})")
+    return per_step // per_pass
+
+
+def agent_settings(config: TrainConfig, tokenizer: Any) -> AgentConfig:
+    template = str(getattr(tokenizer, "chat_template", "") or "")
+    tool_format = config.tool_format or (HERMES if "tools" in template else MARKDOWN)
+    return AgentConfig(
+        tool_format=tool_format,
+        max_turns=config.max_turns,
+        max_response_length=config.max_response_length,
+        max_prompt_length=config.max_prompt_length,
+        context_length=config.context_length,
+        sampling=SamplingParams(temperature=config.temperature, top_p=config.top_p,
+                                max_tokens=config.max_response_length),
+    )
+
+
+def load_policy(config: TrainConfig) -> tuple[Any, Any]:
+    """The model and tokenizer to train, in Hugging Face format, ready to train and save."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = str(_model_source(config.model))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, config.dtype))
+    except (OSError, ValueError) as e:  # missing folder, unknown or unreachable Hub id, malformed name
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"cannot load model {config.model!r}: {first_line}") from None
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"model {config.model!r} has no chat template; the agent renders prompts with it")
+    # A model dequantised from GGUF keeps a quantizer marker that makes training and save_pretrained refuse.
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    return model, tokenizer
+
+
+def _model_source(name: str) -> Path | str:
+    if name == EMBEDDED_MODEL:
+        from mathtool.serve.embedded import ensure_embedded_model
+
+        return ensure_embedded_model()
+    path = Path(name).expanduser()
+    if name.startswith((".", "/", "~")) and not path.is_dir():
+        raise ConfigError(f"model folder {name} does not exist")
+    return path if path.is_dir() else name
+
+
+def training_problems(config: TrainConfig) -> list[Problem]:
+    if config.dataset == ARITHMETIC:
+        problems = arithmetic_problems(config.curriculum_size, config.seed)
+    else:
+        from mathtool.data import load_problems
+
+        problems = load_problems(config.dataset, source=config.dataset_source)
+    problems = _unique_texts(problems)[: config.dataset_limit]
+    if len(problems) < config.problems_per_step:
+        raise DatasetError(f"dataset {config.dataset!r} has {len(problems)} problems; a step needs "
+                           f"{config.problems_per_step}")
+    return problems
+
+
+def evaluation_problems(config: TrainConfig) -> list[Problem]:
+    if not config.eval_dataset:
+        return []
+    from mathtool.data import load_problems
+
+    problems = load_problems(config.eval_dataset, source=config.dataset_source)[: config.eval_limit]
+    if not problems:
+        raise DatasetError(f"evaluation dataset {config.eval_dataset!r} has no problems")
+    return problems
+
+
+def _unique_texts(problems: list[Problem]) -> list[Problem]:
+    """One problem per statement: the rollout finds a prompt's problem by its text."""
+    seen: dict[str, Problem] = {}
+    for p in problems:
+        seen.setdefault(p.problem, p)
+    if len(seen) < len(problems):
+        log.info("dropped %d problems whose statement repeats an earlier one", len(problems) - len(seen))
+    return list(seen.values())
+
+
+def resume_checkpoint(output: Path, resume: bool) -> str | None:
+    """The checkpoint to continue from; refuses to start over on top of an earlier run's checkpoints."""
+    last = _last_checkpoint(output)
+    if last is not None and not resume:
+        raise ConfigError(f"{output} already holds checkpoints; add --resume to continue, or pick another --output")
+    if resume and last is None:
+        log.warning("no checkpoint under %s to resume from; starting at step 0", output)
+    return str(last) if last is not None else None
+
+
+def _last_checkpoint(output: Path) -> Path | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    found = get_last_checkpoint(str(output)) if output.is_dir() else None
+    return Path(found) if found else None
+
+
+def _is_main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+def _checkpoint_step(checkpoint: str | None) -> int:
+    return int(Path(checkpoint).name.rsplit("-", 1)[1]) if checkpoint else 0

@@ -1,0 +1,254 @@
+"""GRPO training: the rollout bridge, the in-process backend, one real step, resume, settings.
+
+The model is a tiny random Llama with the embedded model's tokenizer and chat template, so a training
+step takes seconds. Where a test needs a known multi-turn conversation, a scripted backend answers in
+place of a model: the agent loop, chat template, sandbox, grader and TRL are all real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from mathtool.agent import trajectory as T
+from mathtool.agent.trajectory import Trajectory
+from mathtool.data.problem import Problem
+from mathtool.errors import ConfigError
+from mathtool.llm.base import Completion, SamplingParams
+from mathtool.llm.transformers_backend import TransformersBackend
+from mathtool.train import PRESETS, TrainConfig, train
+from mathtool.train.config import resolve
+from mathtool.train.monitor import METRICS_FILE, read_rows
+from mathtool.train.rewards import reward_functions
+from mathtool.train.rollout import AgentRollout, MaskPolicy, to_trl
+from mathtool.train.runtime import AgentRuntime
+from mathtool.train.trainer import agent_settings, build_trainer
+
+REPO = Path(__file__).resolve().parents[1]
+PROBLEMS = [Problem("add", "Use Python to compute 20 + 22.", "42"),
+            Problem("mul", "Use Python to compute 6 * 9.", "54")]
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> Any:
+    from mathtool.serve.embedded import ensure_embedded_model
+
+    return AutoTokenizer.from_pretrained(ensure_embedded_model())
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer: Any) -> Path:
+    """A 2-layer random Llama with the embedded tokenizer, saved as a Hugging Face folder."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def runtime() -> Any:
+    with AgentRuntime(tool_timeout_s=5, tool_memory_mb=1024) as rt:
+        yield rt
+
+
+class ScriptedBackend:
+    """Answers like a model that uses the tool: first a ```python block, then (after the output) a
+    boxed answer, right on even-numbered trajectories and wrong on odd ones."""
+
+    model = "scripted"
+    supports_token_ids = True
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.first_turns = itertools.count()
+        self.generated: list[list[int]] = []  # every completion's ids, in order
+
+    async def complete_tokens(self, prompt_ids: list[int], params: SamplingParams) -> Completion:
+        prompt = self.tokenizer.decode(prompt_ids)
+        expression = "20 + 22" if "20 + 22" in prompt else "6 * 9"
+        if prompt.count("<|im_start|>assistant") == 1:  # the first turn
+            text = f"Let me compute it.\n```python\nprint({expression})\n```"
+        else:
+            right = next(self.first_turns) % 2 == 0
+            text = f"The answer is \\boxed{{{eval(expression) if right else 7}}}."
+        ids = self.tokenizer.encode(text, add_special_tokens=False) + [self.tokenizer.eos_token_id]
+        self.generated.append(ids)
+        return Completion(text=text, finish_reason="stop", token_ids=ids, logprobs=[-0.5] * len(ids))
+
+    async def complete_chat(self, messages: list[dict], params: SamplingParams) -> Completion:
+        raise AssertionError("the token path must be used")
+
+
+def _config(model_dir: Path, **changes: Any) -> TrainConfig:
+    base = dict(model=str(model_dir), max_turns=2, max_response_length=64, max_prompt_length=512,
+                temperature=1.0, problems_per_step=2, rollouts_per_problem=2, micro_batch_size=4,
+                learning_rate=1e-3, reward_format=0.5, max_steps=1, save_every=1, n_parallel_agents=8)
+    return replace(TrainConfig(), **{**base, **changes})
+
+
+def _rollout(tokenizer: Any, runtime: Any, backend: Any) -> AgentRollout:
+    config = _config(Path("unused"))
+    return AgentRollout(PROBLEMS, runtime, tokenizer, agent_settings(config, tokenizer), lambda trainer: backend,
+                        reward_functions(1.0, 0.5, 0.0), MaskPolicy(), n_parallel=8)
+
+
+def test_env_mask_excludes_exactly_the_tool_output(tokenizer: Any, runtime: Any) -> None:
+    backend = ScriptedBackend(tokenizer)
+    out = _rollout(tokenizer, runtime, backend)([PROBLEMS[0].problem], trainer=None)
+    prompt, completion, mask = out["prompt_ids"][0], out["completion_ids"][0], out["env_mask"][0]
+    assert out["num_tool_calls"] == [1] and out["correct"] == [1.0]
+    # The 1s are exactly the model's two turns, in order; the 0s between them are the tool's turn.
+    model_tokens = [t for t, m in zip(completion, mask, strict=True) if m == 1]
+    assert model_tokens == backend.generated[0] + backend.generated[1]
+    assert completion[: len(backend.generated[0])] == backend.generated[0]
+    assert completion[-len(backend.generated[1]) :] == backend.generated[1]
+    tool_part = completion[len(backend.generated[0]) : -len(backend.generated[1])]
+    assert set(mask[len(backend.generated[0]) : -len(backend.generated[1])]) == {0}
+    assert "```output\n42\n```" in tokenizer.decode(tool_part)
+    assert "print(" not in tokenizer.decode(tool_part) and "boxed" not in tokenizer.decode(tool_part)
+    # Token-exact: the ids are what the chat template renders for the whole conversation.
+    trajectory_messages = [{"role": "user", "content": PROBLEMS[0].problem}]
+    rendered = tokenizer.apply_chat_template(
+        [*_system(tokenizer), *trajectory_messages,
+         {"role": "assistant", "content": tokenizer.decode(backend.generated[0][:-1])},
+         {"role": "user", "content": "```output\n42\n```"},
+         {"role": "assistant", "content": tokenizer.decode(backend.generated[1][:-1])}], tokenize=True)["input_ids"]
+    assert rendered[: len(prompt) + len(completion)] == prompt + completion
+
+
+def _system(tokenizer: Any) -> list[dict[str, str]]:
+    from mathtool.agent.prompts import MARKDOWN_SYSTEM
+
+    return [{"role": "system", "content": MARKDOWN_SYSTEM}]
+
+
+def test_rollout_output_matches_trl_contract(tokenizer: Any, runtime: Any) -> None:
+    # TRL's sampler repeats each prompt num_generations times, next to each other.
+    prompts = [PROBLEMS[0].problem] * 2 + [PROBLEMS[1].problem] * 2
+    rollout = _rollout(tokenizer, runtime, ScriptedBackend(tokenizer))
+    out = rollout(prompts, trainer=None)
+    assert {"prompt_ids", "completion_ids", "logprobs", "env_mask"} <= set(out)
+    assert all(len(values) == len(prompts) for values in out.values())
+    for completion, logprobs, mask in zip(out["completion_ids"], out["logprobs"], out["env_mask"], strict=True):
+        assert len(completion) == len(logprobs) == len(mask) > 0
+        assert set(mask) <= {0, 1} and all(isinstance(t, int) for t in completion)
+        assert all(lp == 0.0 for lp, m in zip(logprobs, mask, strict=True) if m == 0)
+    assert out["prompt_ids"][0] == out["prompt_ids"][1] != out["prompt_ids"][2]
+    assert sorted(out["correct"]) == [0.0, 0.0, 1.0, 1.0]  # one right and one wrong in each group
+    stats = rollout.take_stats()
+    assert stats is not None and [r["problem_id"] for r in stats.trajectories] == ["add", "add", "mul", "mul"]
+    assert [r["reward"] for r in stats.trajectories] == [c + 0.5 for c in out["correct"]]
+
+
+def test_truncated_and_inexact_trajectories_are_masked() -> None:
+    base = Trajectory("p", 0, termination=T.ANSWERED, prompt_ids=[1, 2], completion_ids=[3, 4, 5],
+                      completion_mask=[1, 0, 1], logprobs=[-1.0, 0.0, -1.0])
+    cut = replace(base, termination=T.BUDGET)
+    inexact = replace(base, token_exact=False)
+    failed = replace(base, termination=T.ERROR, completion_ids=[], completion_mask=[], logprobs=[])
+    out = to_trl([base, cut, inexact, failed], MaskPolicy(truncated=True, inexact=True), eos_id=2)
+    assert out["env_mask"] == [[1, 0, 1], [0, 0, 0], [0, 0, 0], [0]]
+    assert out["completion_ids"][3] == [2]  # TRL needs one token; a masked EOS
+    kept = to_trl([cut, inexact], MaskPolicy(truncated=False, inexact=False), eos_id=2)
+    assert kept["env_mask"] == [[1, 0, 1], [1, 0, 1]]
+
+
+def test_transformers_backend_batches_and_returns_tempered_logprobs(tiny_model_dir: Path, tokenizer: Any) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    backend = TransformersBackend(model, tokenizer)
+    prompts = [tokenizer.encode(text, add_special_tokens=False) for text in ("Hello there", "Hi")]
+    params = [SamplingParams(temperature=0.7, top_p=0.9, max_tokens=n) for n in (12, 5)]
+
+    async def both() -> list[Completion]:
+        calls = (backend.complete_tokens(p, s) for p, s in zip(prompts, params, strict=True))
+        return list(await asyncio.gather(*calls))
+
+    outs = asyncio.run(both())
+    assert backend.batcher.batch_sizes == [2]  # the two concurrent calls shared one generate()
+    for prompt, param, out in zip(prompts, params, outs, strict=True):
+        assert 0 < len(out.token_ids) <= param.max_tokens and len(out.logprobs) == len(out.token_ids)
+        ended = out.token_ids[-1] == tokenizer.eos_token_id
+        assert out.finish_reason == ("stop" if ended else "length")
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + out.token_ids])).logits[0, len(prompt) - 1 : -1]
+        expected = torch.log_softmax(logits / 0.7, dim=-1).gather(1, torch.tensor(out.token_ids)[:, None]).squeeze(1)
+        assert torch.allclose(expected, torch.tensor(out.logprobs), atol=1e-4)
+    backend.close()
+
+
+def test_one_step_changes_the_weights_and_writes_metrics(tiny_model_dir: Path, tokenizer: Any, runtime: Any,
+                                                         tmp_path: Path) -> None:
+    config = _config(tiny_model_dir, eval_every=1, eval_samples=1)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainer = build_trainer(config, model, tokenizer, PROBLEMS, PROBLEMS[:1], runtime, tmp_path)
+    backend = ScriptedBackend(tokenizer)
+    trainer.rollout_func.make_backend = lambda _trainer: backend
+    trainer.train()
+    changed = [name for name, p in model.named_parameters() if not torch.equal(p.detach(), before[name])]
+    assert changed, "one GRPO step left every weight as it was"
+    row = read_rows(tmp_path / METRICS_FILE)[0]
+    for key in ("step", "reward_mean", "reward_std", "tool_calls_mean", "response_tokens_mean", "loss",
+                "time_rollout_s", "time_tools_s", "time_grading_s", "time_update_s", "zero_advantage_groups",
+                "eval_pass@1"):
+        assert key in row, key
+    assert row["step"] == 1 and row["tool_calls_mean"] == 1.0 and row["reward_mean"] == pytest.approx(1.0)
+    assert row["zero_advantage_groups"] == 0 and row["groups"] == 2
+    assert (tmp_path / "eval" / "step-000001" / "metrics.json").is_file()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint-1")  # Hugging Face format
+    assert torch.equal(reloaded.model.norm.weight, model.model.norm.weight)
+
+
+def test_resume_continues_from_the_checkpoint(tiny_model_dir: Path, tmp_path: Path) -> None:
+    config_file = tmp_path / "tiny.yaml"
+    settings = _config(tiny_model_dir, max_response_length=8, max_turns=1).to_json()
+    config_file.write_text(yaml.safe_dump({k: v for k, v in settings.items() if v != getattr(TrainConfig(), k)}))
+    output = tmp_path / "run"
+    first = train(None, config_file, max_steps=1, output=output, resume=False)
+    assert first.name == "checkpoint-1"
+    first_row = read_rows(output / METRICS_FILE)[0]
+    with pytest.raises(ConfigError, match="--resume"):
+        train(None, config_file, max_steps=2, output=output, resume=False)
+    last = train(None, config_file, max_steps=2, output=output, resume=True)
+    assert last.name == "checkpoint-2"
+    assert json.loads((last / "trainer_state.json").read_text())["global_step"] == 2
+    rows = read_rows(output / METRICS_FILE)
+    assert [r["step"] for r in rows] == [1, 2] and rows[0] == first_row  # step 1 was not redone
+    assert (output / "reward_curve.png").stat().st_size > 0
+
+
+def test_presets_and_their_yaml_copies_agree() -> None:
+    for name, values in PRESETS.items():
+        assert yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text()) == values
+        resolve(name, None, None)  # every preset is valid
+
+
+@pytest.mark.parametrize(
+    ("preset", "text", "match"),
+    [("nope", None, "unknown preset"), (None, "learning_rat: 1", "unknown setting"),
+     (None, "max_steps: ten", "max_steps must be an integer"), (None, "generation: tpu", "generation must be one of"),
+     (None, None, "give --preset")],
+)
+def test_bad_settings_are_one_line_config_errors(tmp_path: Path, preset: str | None, text: str | None,
+                                                 match: str) -> None:
+    path = None
+    if text is not None:
+        path = tmp_path / "bad.yaml"
+        path.write_text(text)
+    with pytest.raises(ConfigError, match=match) as error:
+        resolve(preset, path, None)
+    assert "\n" not in str(error.value)
