@@ -8,8 +8,8 @@ place of a model: the agent loop, chat template, sandbox, grader and TRL are all
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -67,14 +67,15 @@ def runtime() -> Any:
 
 class ScriptedBackend:
     """Answers like a model that uses the tool: first a ```python block, then (after the output) a
-    boxed answer, right on even-numbered trajectories and wrong on odd ones."""
+    boxed answer, right and wrong in turn for each problem, so every group of two has one of each
+    whatever order the concurrent trajectories reach the model in."""
 
     model = "scripted"
     supports_token_ids = True
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
-        self.first_turns = itertools.count()
+        self.answers_given: Counter[str] = Counter()  # per problem
         self.generated: list[list[int]] = []  # every completion's ids, in order
 
     async def complete_tokens(self, prompt_ids: list[int], params: SamplingParams) -> Completion:
@@ -83,7 +84,8 @@ class ScriptedBackend:
         if prompt.count("<|im_start|>assistant") == 1:  # the first turn
             text = f"Let me compute it.\n```python\nprint({expression})\n```"
         else:
-            right = next(self.first_turns) % 2 == 0
+            right = self.answers_given[expression] % 2 == 0
+            self.answers_given[expression] += 1
             text = f"The answer is \\boxed{{{eval(expression) if right else 7}}}."
         ids = self.tokenizer.encode(text, add_special_tokens=False) + [self.tokenizer.eos_token_id]
         self.generated.append(ids)
