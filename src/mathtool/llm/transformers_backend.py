@@ -126,17 +126,15 @@ class _LogprobRecorder(LogitsProcessor):
         return torch.stack(self.values, dim=1)
 
 
-class TransformersBackend:
-    """`LLMBackend` that generates with a transformers model in this process (token-exact, with logprobs)."""
+class BatchedBackend:
+    """An in-process `LLMBackend` whose concurrent requests are batched into `generate_batch` calls.
+
+    Subclasses set `self.tokenizer` and `self.batcher = DynamicBatcher(self.generate_batch, ...)`.
+    """
 
     supports_token_ids = True
-
-    def __init__(self, model: Any, tokenizer: Any, max_batch_size: int = 32, name: str | None = None) -> None:
-        self.hf_model, self.tokenizer = model, tokenizer
-        self.model = name or str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
-        self.eos_ids = _eos_ids(model, tokenizer)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
-        self.batcher = DynamicBatcher(self.generate_batch, max_batch_size)
+    tokenizer: Any
+    batcher: DynamicBatcher
 
     async def complete_tokens(self, prompt_ids: list[int], params: SamplingParams) -> Completion:
         if params.max_tokens < 1:
@@ -150,6 +148,17 @@ class TransformersBackend:
 
     def close(self) -> None:
         self.batcher.close()
+
+
+class TransformersBackend(BatchedBackend):
+    """`LLMBackend` that generates with a transformers model in this process (token-exact, with logprobs)."""
+
+    def __init__(self, model: Any, tokenizer: Any, max_batch_size: int = 32, name: str | None = None) -> None:
+        self.hf_model, self.tokenizer = model, tokenizer
+        self.model = name or str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
+        self.batcher = DynamicBatcher(self.generate_batch, max_batch_size)
 
     def generate_batch(self, requests: list[Request]) -> list[Completion]:
         """One left-padded `generate` call for requests sharing temperature and top-p (blocking)."""

@@ -18,8 +18,8 @@ from collections.abc import Callable
 from typing import Any
 
 from mathtool.errors import ConfigError
-from mathtool.llm.base import Completion, LLMBackend, SamplingParams
-from mathtool.llm.transformers_backend import DynamicBatcher, Request, TransformersBackend
+from mathtool.llm.base import Completion, LLMBackend
+from mathtool.llm.transformers_backend import BatchedBackend, DynamicBatcher, Request, TransformersBackend
 from mathtool.train.config import TrainConfig
 from mathtool.train.runtime import AgentRuntime
 
@@ -55,28 +55,13 @@ def _server_url(args: Any) -> str:
     return f"http://{host}:{args.vllm_server_port}"
 
 
-class VLLMColocateBackend:
+class VLLMColocateBackend(BatchedBackend):
     """`LLMBackend` over an in-process `vllm.LLM`: concurrent requests go to `LLM.generate` in batches."""
-
-    supports_token_ids = True
 
     def __init__(self, llm: Any, tokenizer: Any, max_batch_size: int = 1024) -> None:
         self.llm, self.tokenizer = llm, tokenizer
         self.model = "vllm-colocate"
         self.batcher = DynamicBatcher(self.generate_batch, max_batch_size)
-
-    async def complete_tokens(self, prompt_ids: list[int], params: SamplingParams) -> Completion:
-        if params.max_tokens < 1:
-            return Completion(text="", finish_reason="length", token_ids=[], logprobs=[])
-        return await self.batcher.submit(prompt_ids, params)
-
-    async def complete_chat(self, messages: list[dict], params: SamplingParams) -> Completion:
-        rendered = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        ids = rendered["input_ids"] if hasattr(rendered, "keys") else rendered
-        return await self.complete_tokens(list(ids), params)
-
-    def close(self) -> None:
-        self.batcher.close()
 
     def generate_batch(self, requests: list[Request]) -> list[Completion]:
         from vllm import SamplingParams as VLLMSamplingParams
