@@ -1,13 +1,12 @@
 """Periodic evaluation of the policy on held-out problems, through the engine (`run_many`).
 
 Each process runs its share of the (problem, sample) jobs with the rollout's own backend; the first
-process writes an evaluation run directory per step (`eval/step-NNNNNN/`: trajectories.jsonl and
-metrics.json, the same files `mathtool eval` writes, so `mathtool report` reads them).
+process writes an evaluation run directory per step (`eval/step-NNNNNN/`) through the engine's RunDir,
+with the same files `mathtool eval` writes, so `mathtool report` reads them.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 from mathtool.agent.loop import AgentConfig
 from mathtool.agent.trajectory import Trajectory
 from mathtool.data.problem import Problem
+from mathtool.engine.run_dir import RunDir
 from mathtool.engine.runner import run_many
 from mathtool.llm.base import LLMBackend
 from mathtool.metrics.summary import compute_metrics
@@ -60,7 +60,10 @@ class Evaluator:
     def _write(self, step: int, records: list[dict[str, Any]], metrics: dict[str, Any]) -> None:
         run_dir = self.output / "eval" / f"step-{step:06d}"
         shutil.rmtree(run_dir, ignore_errors=True)  # a step redone after --resume replaces its evaluation
-        run_dir.mkdir(parents=True)
-        with (run_dir / "trajectories.jsonl").open("w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        (run_dir / "metrics.json").write_text(json.dumps({**metrics, "step": step}, indent=2))
+        run = RunDir(run_dir, {"step": step, "n_samples": self.samples}, resume=False)
+        try:
+            for record in records:
+                run.append(record)
+            run.write_metrics({**metrics, "step": step})
+        finally:
+            run.close()
