@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -30,7 +30,7 @@ class _Stats:
     tokens: int = 0
     tool_calls: int = 0
     errors_in_a_row: int = 0
-    started: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
 
     def add(self, traj: Trajectory) -> None:
         self.done += 1
@@ -67,7 +67,7 @@ async def run_many(
     queue: asyncio.Queue[tuple[Problem, int]] = asyncio.Queue()
     for job in jobs:
         queue.put_nowait(job)
-    stats = _Stats(started=time.perf_counter())
+    stats = _Stats()
 
     async def worker() -> None:
         while True:
