@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -112,6 +113,27 @@ async def test_requests_move_off_a_dead_server(embedded_server, tokenizer) -> No
             *[backend.complete_tokens(prompt, SamplingParams(max_tokens=4, seed=seed)) for seed in range(4)]
         )
     assert all(len(completion.token_ids) >= 1 for completion in completions)
+
+
+@pytest.mark.server
+async def test_a_generation_the_server_aborted_is_retried(backend, tokenizer, monkeypatch) -> None:
+    """vLLM answers an aborted request with HTTP 200 and finish_reason "abort": that is retried, not fatal."""
+    real_post, answers = backend._client.post, []
+
+    async def first_one_aborted(url: str, **kwargs):
+        response = await real_post(url, **kwargs)
+        if url.endswith("/v1/completions") and not answers:
+            body = response.json()
+            body["choices"][0]["finish_reason"] = "abort"
+            response = httpx.Response(200, json=body, request=response.request)
+        answers.append(response.json()["choices"][0]["finish_reason"])
+        return response
+
+    monkeypatch.setattr(backend._client, "post", first_one_aborted)
+    backend.backoff_s = 0.05
+    completion = await backend.complete_tokens(chat_ids(tokenizer, "What is 2+3?"), SamplingParams(max_tokens=4))
+    assert answers[0] == "abort" and answers[1] in ("stop", "length") and len(answers) == 2
+    assert completion.finish_reason in ("stop", "length") and completion.token_ids
 
 
 @pytest.mark.server

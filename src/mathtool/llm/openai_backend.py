@@ -265,7 +265,11 @@ class OpenAIBackend:
         finally:
             endpoint.in_flight -= 1
         if response.status_code == 200:
-            return response.json()
+            body = response.json()
+            reason = ((body.get("choices") or [{}])[0] or {}).get("finish_reason")
+            if reason in _ABORTED:  # the server gave up on this request (vLLM: aborted, engine error)
+                raise _TransientError(f"{endpoint.root}{path} ended the generation with finish_reason={reason!r}")
+            return body
         message = f"{endpoint.root}{path} answered HTTP {response.status_code}: {_error_text(response)}"
         if response.status_code == 429 or response.status_code >= 500:
             raise _TransientError(message)
@@ -277,6 +281,9 @@ def _sampling(params: SamplingParams, max_tokens: int) -> dict[str, Any]:
     if params.seed is not None:
         fields["seed"] = params.seed
     return fields
+
+
+_ABORTED = ("abort", "error")
 
 
 def _finish_reason(choice: dict[str, Any]) -> str:
