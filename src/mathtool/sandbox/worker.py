@@ -8,7 +8,9 @@ stderr memfds (shared with the host), 3 the socket to the host, 4 and 5 spare co
 A cell runs like a notebook cell: module-level code in a `__main__` namespace, and the value of a final
 bare expression is printed. For `run()` each call gets a fresh namespace; a worker that served a call is
 reused only if the call left no trace in the process (threads, files in /tmp, changed limits, signal
-handlers, builtins, common numeric settings) and it has served fewer than `calls_per_worker` calls.
+handlers, builtins, imported modules and their attributes, common numeric settings) and it has served
+fewer than `calls_per_worker` calls. State deeper inside objects (a class attribute, a module-level
+list) is not compared; a session, which the agent loop uses, always starts in a new process.
 Session workers keep one namespace and are never handed to anyone else.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import ctypes
 import decimal
 import faulthandler
 import fcntl
@@ -48,6 +51,21 @@ SIGNALS = tuple(
     for name in "SIGALRM SIGINT SIGTERM SIGHUP SIGCHLD SIGPIPE SIGUSR1 SIGUSR2 SIGXCPU SIGXFSZ SIGSEGV SIGFPE".split()
 )
 TIMERS = (signal.ITIMER_REAL, signal.ITIMER_VIRTUAL, signal.ITIMER_PROF)
+OWN_MODULES = ("__main__", "sys")  # replaced or rebound by every call; what matters in them is checked apart
+DICT_VERSION_OFFSET = 3 * ctypes.sizeof(ctypes.c_ssize_t)  # CPython 3.11 PyDictObject: refcnt, type, ma_used
+
+
+def dict_version(d: dict[str, Any]) -> int:
+    """CPython 3.11's version tag of a dict (PEP 509): a new value after any change to the dict."""
+    return ctypes.c_uint64.from_address(id(d) + DICT_VERSION_OFFSET).value
+
+
+def modules_state() -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Which module objects are imported, and the version of each one's globals: a call that imports a
+    module, replaces one in sys.modules or sets an attribute of one (`math.pi = 3`) changes it."""
+    modules = [m for name, m in list(sys.modules.items()) if name not in OWN_MODULES]
+    namespaces = (getattr(m, "__dict__", None) for m in modules)
+    return tuple(map(id, modules)), tuple(dict_version(d) for d in namespaces if type(d) is dict)
 
 
 def main(fds: list[int], config: ZygoteConfig, sandbox_uid: int | None, scratch: str) -> NoReturn:
@@ -249,6 +267,7 @@ class Worker:
             str(decimal.DefaultContext),
             (numpy.get_printoptions(), numpy.geterr()) if numpy else None,
             (mpmath.mp.prec, mpmath.mp.pretty) if mpmath else None,
+            modules_state(),
         )
 
     def send(self, message: dict[str, Any]) -> None:
