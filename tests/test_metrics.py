@@ -199,3 +199,27 @@ def test_accuracy_plot_takes_problem_ids_literally() -> None:
 
     rows = per_problem_rows([traj("a$\\frac{b$", 0, 1.0), traj("p2", 0, 0.0)])  # broken mathtext if parsed
     assert len(accuracy_plot(rows)) > 1000
+
+
+def test_run_dir_refuses_reuse_without_resume_and_says_what_a_resume_changed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from mathtool.engine.run_dir import RunDir
+
+    config = {"dataset": "toy", "model": "m", "n_parallel_agents": 4, "resume": False}
+    run = RunDir(tmp_path, config, resume=False)
+    run.append(traj("p1", 0, 1.0))
+    run.close()
+    with pytest.raises(ConfigError, match="add --resume"):
+        RunDir(tmp_path, config, resume=False)
+    with pytest.raises(ConfigError, match="different model"):
+        RunDir(tmp_path, {**config, "model": "other"}, resume=True)
+    with caplog.at_level(logging.WARNING):
+        RunDir(tmp_path, {**config, "resume": True}, resume=True).close()
+    assert not caplog.records  # the same settings: nothing to say
+    with caplog.at_level(logging.WARNING):
+        run = RunDir(tmp_path, {**config, "n_parallel_agents": 8, "resume": True}, resume=True)
+    run.close()
+    assert "n_parallel_agents: 4 -> 8" in caplog.text
+    assert json.loads((tmp_path / "config.json").read_text())["n_parallel_agents"] == 8
+    assert [r["problem_id"] for r in run.records()] == ["p1"]

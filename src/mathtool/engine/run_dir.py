@@ -1,7 +1,9 @@
 """The run directory: `config.json`, `trajectories.jsonl` (append-only), `metrics.json`, reports.
 
 Nothing here is overwritten silently: a directory that already holds trajectories is only reused with
-`resume=True`, and a torn last line (a run killed mid-write) is cut off with a warning and redone.
+`resume=True`, a torn last line (a run killed mid-write) is cut off with a warning and redone, and a
+resumed run that changes a setting says so. `metrics.json` is a summary of all the trajectories,
+recomputed at the end of each run.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ class RunDir:
         if resume and self.trajectories_path.exists():
             _cut_torn_tail(self.trajectories_path)
             self._check_same_config(config)
-        (path / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str))
+        self._write_config(config)
         self._file = self.trajectories_path.open("a", encoding="utf-8")
 
     def _check_same_config(self, config: dict[str, Any]) -> None:
@@ -60,6 +62,20 @@ class RunDir:
         changed = [k for k in keys if k in old and old.get(k) != config.get(k)]
         if changed:
             raise ConfigError(f"{self.path} was run with different {', '.join(changed)}; resume with the same flags")
+
+    def _write_config(self, config: dict[str, Any]) -> None:
+        """Write config.json; when a resumed run changes a setting that does not affect results (say
+        n_parallel_agents), say which before replacing it."""
+        path = self.path / CONFIG_FILE
+        text = json.dumps(config, indent=2, default=str)
+        if path.exists():
+            old = json.loads(path.read_text())
+            new = json.loads(text)
+            changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k != "resume")
+            if changed:
+                log.warning("%s: updated for this run (%s)", path,
+                            ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed))
+        path.write_text(text)
 
     def records(self) -> list[dict[str, Any]]:
         """Trajectories written so far, the last record per (problem, sample)."""
