@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mathtool.agent.parsers import HERMES, MARKDOWN, parse_tool_calls
+from mathtool.agent.parsers import HERMES, MARKDOWN, parse_tool_calls, turn_end
 
 
 def test_hermes_call_is_parsed() -> None:
@@ -55,3 +55,21 @@ def test_markdown_blocks() -> None:
 
 def test_unterminated_markdown_block_is_not_run() -> None:
     assert parse_tool_calls("```python\nwhile True: pass", MARKDOWN) == []
+
+
+@pytest.mark.parametrize(
+    ("text", "kept"),
+    [
+        # the model makes up the output (and an answer from it): the turn ends with its code
+        ("Hm.\n```python\nprint(6 * 9)\n```\n```output\n56\n```\n\\boxed{56}", "Hm.\n```python\nprint(6 * 9)\n```"),
+        ("```python\nx=1\n```\n```py\nprint(x)\n```\n\n```output\n1\n```", "```python\nx=1\n```\n```py\nprint(x)\n```"),
+        # nothing to cut: no output block, no code before it, or a thinking model's draft
+        ("```python\nprint(1)\n```\nThen \\boxed{1}.", None),
+        ("```output\n3\n```\nso \\boxed{3}", None),
+        ("<think>```python\nprint(2)\n```\n```output\n2\n```</think>\\boxed{2}", None),
+        ("```python\ns = '```output'\n", None),
+    ],
+)
+def test_a_turn_ends_where_the_model_starts_to_write_the_output_itself(text: str, kept: str | None) -> None:
+    assert text[: turn_end(text, MARKDOWN)] == (text if kept is None else kept)
+    assert turn_end(text, HERMES) == len(text)

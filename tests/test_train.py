@@ -254,3 +254,52 @@ def test_bad_settings_are_one_line_config_errors(tmp_path: Path, preset: str | N
     with pytest.raises(ConfigError, match=match) as error:
         resolve(preset, path, None)
     assert "\n" not in str(error.value)
+
+
+class OutputInventingBackend:
+    """A model that writes its code, then makes up the output and an answer from it, like small models do."""
+
+    model = "scripted"
+    supports_token_ids = True
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.prompts: list[list[int]] = []
+        self.params: list[SamplingParams] = []
+
+    async def complete_tokens(self, prompt_ids: list[int], params: SamplingParams) -> Completion:
+        self.prompts.append(prompt_ids)
+        self.params.append(params)
+        if len(self.prompts) == 1:
+            text = "```python\nprint(6 * 9)\n```\n```output\n56\n```\n\\boxed{56}"
+        else:
+            seen = self.tokenizer.decode(prompt_ids).rsplit("```output\n", 1)[1].split("\n")[0]
+            text = f"So it is \\boxed{{{seen}}}."
+        ids = self.tokenizer.encode(text, add_special_tokens=False) + [self.tokenizer.eos_token_id]
+        return Completion(text=text, finish_reason="stop", token_ids=ids, logprobs=[-0.25] * len(ids))
+
+    async def complete_chat(self, messages: list[dict], params: SamplingParams) -> Completion:
+        raise AssertionError("the token path must be used")
+
+
+def test_a_made_up_output_is_cut_and_the_tool_answers_instead(tokenizer: Any) -> None:
+    from mathtool.agent.loop import AgentConfig, run_agent
+    from mathtool.sandbox import PythonSandbox
+
+    backend = OutputInventingBackend(tokenizer)
+
+    async def one() -> Trajectory:
+        async with PythonSandbox(timeout_s=5) as sandbox:
+            return await run_agent(PROBLEMS[1], 0, backend, sandbox, AgentConfig(max_turns=2), tokenizer)
+
+    traj = asyncio.run(one())
+    assert all(p.stop == ("```output",) for p in backend.params)  # the server may stop there itself
+    assistant = [m["content"] for m in traj.messages if m["role"] == "assistant"]
+    assert assistant == ["```python\nprint(6 * 9)\n```", "So it is \\boxed{54}."]
+    assert traj.messages[3] == {"role": "user", "content": "```output\n54\n```"}
+    assert (traj.num_tool_calls, traj.reward, traj.termination, traj.token_exact) == (1, 1.0, T.ANSWERED, True)
+    # the record holds only what the model kept, and extends exactly into the second prompt
+    assert traj.prompt_ids + traj.completion_ids[: len(backend.prompts[1]) - len(traj.prompt_ids)] == backend.prompts[1]
+    kept = [i for i, m in zip(traj.completion_ids, traj.completion_mask, strict=True) if m == 1]
+    assert tokenizer.decode(kept, skip_special_tokens=True) == "".join(assistant)
+    assert len(kept) == traj.response_tokens == len(traj.logprobs) - traj.completion_mask.count(0)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from mathtool.agent import trajectory as T
-from mathtool.agent.parsers import HERMES, MARKDOWN, ToolCall, parse_tool_calls
+from mathtool.agent.parsers import HERMES, MARKDOWN, OUTPUT_FENCE, ToolCall, parse_tool_calls, turn_end
 from mathtool.agent.prompts import initial_messages, tool_result_message
 from mathtool.agent.trajectory import Trajectory
 from mathtool.data.problem import Problem
@@ -47,6 +47,18 @@ def render(tokenizer: Any, messages: list[dict], tool_format: str, generation_pr
     out = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=generation_prompt,
                                         tokenize=True)
     return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+
+
+def _tokens_spelling(tokenizer: Any, ids: list[int], text: str) -> int | None:
+    """n such that ids[:n] decode to exactly `text` (a prefix of what all of `ids` decode to), if any."""
+    low, high = 0, len(ids)
+    while low < high:  # the fewest tokens that decode to at least len(text) characters
+        mid = (low + high) // 2
+        if len(tokenizer.decode(ids[:mid])) < len(text):
+            low = mid + 1
+        else:
+            high = mid
+    return low if tokenizer.decode(ids[:low]) == text else None
 
 
 @dataclass
@@ -124,18 +136,34 @@ class _Run:
         seed = self.config.sampling.seed
         if seed is not None:
             seed = turn_seed(seed, self.problem.id, self.traj.sample, self.traj.num_turns)
-        params = replace(self.config.sampling, max_tokens=max_tokens, seed=seed)
+        stop = (OUTPUT_FENCE,) if self.config.tool_format == MARKDOWN else ()
+        params = replace(self.config.sampling, max_tokens=max_tokens, seed=seed, stop=stop)
         started = time.perf_counter()
         if self.tokens is not None:
-            completion = await self.llm.complete_tokens(self.tokens.full, params)
+            completion = self.end_turn(await self.llm.complete_tokens(self.tokens.full, params))
             self.tokens.add_model(completion)
         else:
-            completion = await self.llm.complete_chat(self.traj.messages, params)
+            completion = self.end_turn(await self.llm.complete_chat(self.traj.messages, params))
         self.traj.timings["generation"] += time.perf_counter() - started
         self.traj.response_tokens += completion.num_tokens
         self.traj.num_turns += 1
         self.traj.messages.append({"role": "assistant", "content": completion.text})
         return completion
+
+    def end_turn(self, completion: Completion) -> Completion:
+        """Cut a turn where the model began to write the tool's output itself (see `turn_end`): the text,
+        and the token ids to the same point. Left whole if no token boundary falls exactly there."""
+        end = turn_end(completion.text, self.config.tool_format)
+        if end == len(completion.text):
+            return completion
+        text = completion.text[:end]
+        if completion.token_ids is None:
+            return replace(completion, text=text, finish_reason="stop")
+        n = _tokens_spelling(self.tokenizer, completion.token_ids, text)
+        if n is None:
+            return completion
+        logprobs = completion.logprobs[:n] if completion.logprobs is not None else None
+        return Completion(text, "stop", completion.token_ids[:n], logprobs)
 
     async def run_tools(self, calls: list[ToolCall], session: Any) -> None:
         started = time.perf_counter()

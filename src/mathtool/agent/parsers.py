@@ -14,6 +14,7 @@ HERMES = "hermes"
 MARKDOWN = "markdown"
 TOOL_FORMATS = (HERMES, MARKDOWN)
 
+OUTPUT_FENCE = "```output"  # how the tool's result begins in the markdown format; only the tool writes it
 _HERMES_RE = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
 _MARKDOWN_RE = re.compile(r"```(?:python|py)[ \t]*\n(.*?)```", re.DOTALL)
 
@@ -58,6 +59,17 @@ def parse_hermes(text: str) -> list[ToolCall]:
 def parse_markdown(text: str) -> list[ToolCall]:
     start = _after_think(text)
     return [ToolCall(m.group(1), m.end()) for m in _MARKDOWN_RE.finditer(text, start) if m.group(1).strip()]
+
+
+def turn_end(text: str, tool_format: str) -> int:
+    """Where the model's turn really ends. In the markdown format a model that writes its own ```output
+    block after a ```python block is making the output up: its turn ends with that python block, so the
+    tool can run it and answer. Elsewhere: len(text)."""
+    if tool_format != MARKDOWN:
+        return len(text)
+    fence = text.find(OUTPUT_FENCE, _after_think(text))
+    calls = parse_markdown(text[:fence]) if fence >= 0 else []
+    return calls[-1].end if calls else len(text)
 
 
 PARSERS = {HERMES: parse_hermes, MARKDOWN: parse_markdown}

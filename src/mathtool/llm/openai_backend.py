@@ -200,6 +200,8 @@ class OpenAIBackend:
             "return_token_ids": True,
             **_sampling(params, max_tokens),
         }
+        if params.stop:  # keep the stop string, so that the text is what the token ids decode to
+            payload["include_stop_str_in_output"] = True
         choice = (await self._post("/v1/completions", payload))["choices"][0]
         ids = choice.get("token_ids")
         logprobs = (choice.get("logprobs") or {}).get("token_logprobs")
@@ -280,6 +282,8 @@ def _sampling(params: SamplingParams, max_tokens: int) -> dict[str, Any]:
     fields: dict[str, Any] = {"max_tokens": max_tokens, "temperature": params.temperature, "top_p": params.top_p}
     if params.seed is not None:
         fields["seed"] = params.seed
+    if params.stop:
+        fields["stop"] = list(params.stop)
     return fields
 
 
