@@ -10,7 +10,10 @@ template) with the same per-request seeds, so they generate the same tokens:
   without a tool call), so it pays for what an eval pays per trajectory: chat-template rendering,
   tool-call parsing and grading.
 - raw: `openai.AsyncOpenAI().completions.create` per request, `--concurrency` in flight (a semaphore),
-  prompts rendered before the clock starts.
+  prompts rendered before the clock starts, with the engine's stop string (```output).
+
+A completion counts as identical when the engine's ids are the raw ids, or the raw ids less the
+```output fence the engine cuts off (its token figure counts only what it keeps: conservative).
 
 Figure: generated tokens / wall seconds (and requests / s). The requests are split into --rounds
 slices; each slice runs through both paths, which take turns going first (raw, engine, engine, raw),
@@ -38,7 +41,7 @@ from openai import AsyncOpenAI
 from transformers import AutoTokenizer
 
 from mathtool.agent.loop import AgentConfig, render, turn_seed
-from mathtool.agent.parsers import MARKDOWN
+from mathtool.agent.parsers import MARKDOWN, OUTPUT_FENCE
 from mathtool.agent.prompts import initial_messages
 from mathtool.agent.trajectory import Trajectory
 from mathtool.data import Problem, load_problems
@@ -105,8 +108,8 @@ async def raw_pass(jobs: list[Job], prompts: dict[str, list[int]], client: Async
         async with gate:
             response = await client.completions.create(
                 model=model, prompt=prompts[problem.id], max_tokens=max_tokens, temperature=TEMPERATURE,
-                top_p=TOP_P, seed=turn_seed(SEED, problem.id, sample, 0), logprobs=0,
-                extra_body={"return_token_ids": True})
+                top_p=TOP_P, seed=turn_seed(SEED, problem.id, sample, 0), logprobs=0, stop=[OUTPUT_FENCE],
+                extra_body={"return_token_ids": True, "include_stop_str_in_output": True})
         return list(getattr(response.choices[0], "token_ids", None) or [])
 
     started = time.perf_counter()
@@ -141,7 +144,9 @@ async def measure(url: str, args: argparse.Namespace) -> dict[str, Any]:
                 total[name].outputs.update(result.outputs)
     await client.close()
     raw, engine = total["raw"], total["engine"]
-    identical = sum(engine.outputs.get(key) == ids for key, ids in raw.outputs.items())
+    # The engine keeps what the raw request got, less a made-up ```output fence that ends a turn.
+    identical = sum(key in engine.outputs and ids[: len(engine.outputs[key])] == engine.outputs[key]
+                    for key, ids in raw.outputs.items())
     return {"engine_tok_s": round(engine.tok_s, 2), "raw_tok_s": round(raw.tok_s, 2),
             "ratio": round(engine.tok_s / raw.tok_s, 4), "engine_req_s": round(engine.req_s, 3),
             "raw_req_s": round(raw.req_s, 3), "engine_tokens": engine.tokens,

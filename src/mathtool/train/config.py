@@ -82,7 +82,8 @@ class TrainConfig:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # SmolLM2-135M on 2 CPU cores: generated arithmetic, tool-use and format rewards, ~1 min a step.
+    # SmolLM2-135M on 2 CPU cores: generated arithmetic, tool-use and format rewards (unequal, so that
+    # "boxed without the tool" and "tool without a box" do not tie in a group), ~1 min a step.
     "cpu-demo": {
         "model": EMBEDDED_MODEL,
         "dataset": ARITHMETIC,
@@ -94,11 +95,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "n_parallel_agents": 16,
         "learning_rate": 2e-5,
         "problems_per_step": 2,
-        "rollouts_per_problem": 4,
+        "rollouts_per_problem": 8,
         "micro_batch_size": 4,
         "reward_correct": 1.0,
-        "reward_format": 0.25,
-        "reward_tool": 0.25,
+        "reward_format": 0.3,
+        "reward_tool": 0.2,
         "mask_truncated": False,  # a small model must also learn to stop: cut rollouts get their low reward
         "generation": "transformers",
         "generation_batch_size": 16,

@@ -1,8 +1,10 @@
 """A generated curriculum for small models: integer arithmetic that the Python tool solves exactly.
 
-Each problem asks the model to compute one sum, difference or product of small integers with Python
-and to give the answer in \\boxed{}. A 135M model already writes a ```python block for most of them
-but rarely finishes the job; GRPO teaches it to run a short block, read the output and box it.
+Each problem asks the model to compute one sum, difference or product of small integers, after one
+worked example of the two-turn exchange (a ```python block; the tool's ```output; the \\boxed{}
+answer). Without the example SmolLM2-135M writes code but boxes an answer in about 1 try of 64, so
+GRPO has no signal past "use the tool"; with it, 48 of 64 tries run code, 10 box an answer and 4 are
+right (measured on the embedded server at temperature 0.7), and learning has somewhere to start.
 """
 
 from __future__ import annotations
@@ -14,6 +16,10 @@ from mathtool.errors import ConfigError
 
 _OPERATIONS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 _SMALL, _LARGE = (2, 12), (10, 60)  # operand ranges: products of small numbers, sums of larger ones
+EXAMPLE = (
+    "Example. Question: compute 7 * 8.\nFirst reply:\n```python\nprint(7 * 8)\n```\n"
+    "Tool output:\n```output\n56\n```\nSecond reply:\nThe answer is \\boxed{56}.\n\n"
+)
 MAX_PROBLEMS = 2 * (_LARGE[1] - _LARGE[0] + 1) ** 2 + (_SMALL[1] - _SMALL[0] + 1) ** 2
 
 
@@ -27,7 +33,7 @@ def arithmetic_problems(count: int, seed: int = 0) -> list[Problem]:
         op = rng.choice(list(_OPERATIONS))
         low, high = _SMALL if op == "*" else _LARGE
         a, b = rng.randint(low, high), rng.randint(low, high)
-        text = f"Use Python to compute {a} {op} {b}, then give the final answer as \\boxed{{}}."
+        text = EXAMPLE + f"Question: compute {a} {op} {b}."
         if text not in problems:
             answer = str(_OPERATIONS[op](a, b))
             problems[text] = Problem(f"arith-{len(problems):05d}", text, answer, source="arithmetic")
