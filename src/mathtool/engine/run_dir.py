@@ -47,35 +47,31 @@ class RunDir:
         if self.trajectories_path.exists() and not resume:
             raise ConfigError(f"{path} already holds a run; add --resume to continue it, or pick another --output")
         path.mkdir(parents=True, exist_ok=True)
+        config_path = path / CONFIG_FILE
+        old = json.loads(config_path.read_text()) if config_path.exists() else None
         if resume and self.trajectories_path.exists():
             _cut_torn_tail(self.trajectories_path)
-            self._check_same_config(config)
-        self._write_config(config)
+            self._check_same_config(old or {}, config)
+        self._write_config(old, config)
         self._file = self.trajectories_path.open("a", encoding="utf-8")
 
-    def _check_same_config(self, config: dict[str, Any]) -> None:
-        old_path = self.path / CONFIG_FILE
-        if not old_path.exists():
-            return
-        old = json.loads(old_path.read_text())
+    def _check_same_config(self, old: dict[str, Any], config: dict[str, Any]) -> None:
         keys = ("dataset", "model", "tool_format", "max_turns", "max_response_length", "temperature")
         changed = [k for k in keys if k in old and old.get(k) != config.get(k)]
         if changed:
             raise ConfigError(f"{self.path} was run with different {', '.join(changed)}; resume with the same flags")
 
-    def _write_config(self, config: dict[str, Any]) -> None:
-        """Write config.json; when a resumed run changes a setting that does not affect results (say
-        n_parallel_agents), say which before replacing it."""
-        path = self.path / CONFIG_FILE
+    def _write_config(self, old: dict[str, Any] | None, config: dict[str, Any]) -> None:
+        """Write config.json; when it replaces one with other settings that do not affect results (say
+        n_parallel_agents), say which."""
         text = json.dumps(config, indent=2, default=str)
-        if path.exists():
-            old = json.loads(path.read_text())
+        if old is not None:
             new = json.loads(text)
             changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k != "resume")
             if changed:
-                log.warning("%s: updated for this run (%s)", path,
+                log.warning("%s: updated for this run (%s)", self.path / CONFIG_FILE,
                             ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed))
-        path.write_text(text)
+        (self.path / CONFIG_FILE).write_text(text)
 
     def records(self) -> list[dict[str, Any]]:
         """Trajectories written so far, the last record per (problem, sample)."""

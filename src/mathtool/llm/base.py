@@ -12,7 +12,7 @@ class SamplingParams:
     top_p: float = 0.95
     max_tokens: int = 1024
     seed: int | None = None
-    stop: tuple[str, ...] = ()  # strings that end the generation where the server supports it (kept in the text)
+    stop: tuple[str, ...] = ()  # strings that end the generation, where the backend supports it
 
 
 @dataclass

@@ -62,13 +62,13 @@ class ModuleWatch:
     globals dict, which CPython 3.11 renews on any change to the dict."""
 
     def __init__(self) -> None:
-        self.main = sys.modules.get("__main__")
+        # held so that each dict, and so the address its tag is read at, lives as long as the watch
         self.namespaces = [vars(m) for n, m in sys.modules.items() if n not in OWN_MODULES and _has_dict(m)]
         self.tags = [ctypes.cast(id(d) + DICT_VERSION_OFFSET, _VERSION) for d in self.namespaces]
         self.modules, self.versions = self.state()
 
     def state(self) -> tuple[tuple[int, ...], list[int]]:
-        sys.modules["__main__"] = self.main  # the call's own __main__ is gone with the call
+        """Call with sys.modules["__main__"] restored to the worker's own (see `Worker.handle`)."""
         return tuple(map(id, sys.modules.values())), [tag[0] for tag in self.tags]
 
     def unchanged(self) -> bool:
@@ -174,6 +174,7 @@ class Worker:
         os.chdir(scratch)
         _reseed()
         self.pristine = self.fingerprint()
+        self.main = sys.modules.get("__main__")
         self.modules = ModuleWatch()
 
     def serve(self) -> None:
@@ -196,6 +197,7 @@ class Worker:
         streams = _open_streams()
         ok, error = run_cell(code, vars(module), streams[1])
         _close_streams(streams)
+        sys.modules["__main__"] = self.main  # the call's namespace is not left behind as a module
         self.had_children = self.kill_descendants()
         self.calls += 1
         return {"ok": ok, "error": error}
