@@ -63,9 +63,16 @@ async def test_runs_code_with_fresh_state_for_each_call(sandbox: PythonSandbox) 
     await run_ok(sandbox, "import decimal, numpy\ndecimal.getcontext().prec = 3\nnumpy.set_printoptions(precision=1)")
     await run_ok(sandbox, "import math, sys, sympy\nmath.pi = 3\nsympy.sqrt = len\nsys.modules['json'] = math")
     await run_ok(sandbox, "import colorsys\ncolorsys.ONE_THIRD = 0")
-    code = "import sys, decimal, numpy\nprint('y' in globals(), sys.getrecursionlimit(), decimal.getcontext().prec)"
+    await run_ok(sandbox, "import sys\nsys.modules = dict(sys.modules, leak=sys)")
+    finder = "import sys\nclass F:\n    find_spec = staticmethod(lambda *a: None)\nsys.meta_path.insert(0, F())"
+    await run_ok(sandbox, finder)
+    code = (
+        "import sys, decimal, numpy\n"
+        "print('y' in globals(), sys.getrecursionlimit(), decimal.getcontext().prec)\n"
+        "print('leak' in sys.modules, [type(f).__name__ for f in sys.meta_path].count('F'))"
+    )
     for _ in range(5):  # whichever worker serves it, nothing of the calls above remains
-        assert await run_ok(sandbox, code) == "False 1000 28\n"
+        assert await run_ok(sandbox, code) == "False 1000 28\nFalse 0\n"
         assert await run_ok(sandbox, "import numpy; print(numpy.array([1/3]))") == "[0.33333333]\n"
         modules = "import math, json, sympy, colorsys\nprint(math.pi, json.__name__, sympy.sqrt(4), colorsys.ONE_THIRD)"
         assert await run_ok(sandbox, modules) == "3.141592653589793 json 2 0.3333333333333333\n"

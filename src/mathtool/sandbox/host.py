@@ -103,32 +103,42 @@ class WorkerHandle:
         """Whether the worker says it can take a request (False if it retires, dies or says nothing)."""
         if not self.ready:
             try:
-                async with asyncio.timeout(timeout_s):
-                    self.ready = (await self.next_frame()).get("ready") is True
+                frame = self.frame_now()
+                if frame is None:
+                    async with asyncio.timeout(timeout_s):
+                        frame = await self.next_frame()
             except (TimeoutError, EOFError, ValueError, OSError):
                 return False
+            self.ready = frame.get("ready") is True
         return self.ready
 
     def maybe_ready(self) -> bool:
         """Without waiting: True if the worker is ready or has sent something since its last reply."""
         return self.ready or bool(self.buffer) or bool(select.select([self.sock], [], [], 0)[0])
 
+    def frame_now(self) -> dict[str, Any] | None:
+        """The next frame if it has arrived whole, without waiting (usually so for {"ready": true})."""
+        while (frame := self._buffered_frame()) is None:
+            try:
+                self._received(self.sock.recv(65536))
+            except BlockingIOError:
+                return None
+        return frame
+
     async def next_frame(self) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
-        while True:
-            if len(self.buffer) >= protocol.HEADER.size:
-                (size,) = protocol.HEADER.unpack_from(self.buffer)
-                if size > protocol.MAX_REPLY_BYTES:
-                    raise ValueError(f"a reply of {size} bytes")
-                end = protocol.HEADER.size + size
-                if len(self.buffer) >= end:
-                    body = bytes(self.buffer[protocol.HEADER.size : end])
-                    del self.buffer[:end]
-                    return _decode_reply(body)
-            chunk = await loop.sock_recv(self.sock, 65536)
-            if not chunk:
-                raise EOFError("the worker closed its socket")
-            self.buffer += chunk
+        while (frame := self._buffered_frame()) is None:
+            self._received(await loop.sock_recv(self.sock, 65536))
+        return frame
+
+    def _received(self, chunk: bytes) -> None:
+        if not chunk:
+            raise EOFError("the worker closed its socket")
+        self.buffer += chunk
+
+    def _buffered_frame(self) -> dict[str, Any] | None:
+        body = protocol.take_frame(self.buffer, protocol.MAX_REPLY_BYTES)
+        return None if body is None else _decode_reply(body)
 
     def exited(self) -> bool:
         return bool(select.select([self.pidfd], [], [], 0)[0])
@@ -155,7 +165,7 @@ class WorkerHandle:
 def _decode_reply(body: bytes) -> dict[str, Any]:
     """The worker's JSON reply; the worker runs untrusted code, so anything malformed is a ValueError."""
     try:
-        reply = json.loads(body)
+        reply = json.loads(body.decode())
     except (ValueError, RecursionError) as exc:
         raise ValueError(f"a malformed reply: {exc}") from None
     if not isinstance(reply, dict):

@@ -63,3 +63,18 @@ class ZygoteConfig:
 def encode_frame(message: dict[str, Any]) -> bytes:
     body = json.dumps(message).encode()
     return HEADER.pack(len(body)) + body
+
+
+def take_frame(buffer: bytearray, max_bytes: int) -> bytes | None:
+    """Remove the first whole frame from `buffer` and return its body; None until one has arrived."""
+    if len(buffer) < HEADER.size:
+        return None
+    (size,) = HEADER.unpack_from(buffer)
+    if size > max_bytes:
+        raise ValueError(f"a frame of {size} bytes")
+    end = HEADER.size + size
+    if len(buffer) < end:
+        return None
+    body = bytes(buffer[HEADER.size : end])
+    del buffer[:end]
+    return body

@@ -8,7 +8,7 @@ stderr memfds (shared with the host), 3 the socket to the host, 4 and 5 spare co
 A cell runs like a notebook cell: module-level code in a `__main__` namespace, and the value of a final
 bare expression is printed. For `run()` each call gets a fresh namespace; a worker that served a call is
 reused only if the call left no trace in the process (threads, files in /tmp, changed limits, signal
-handlers, builtins, imported modules and their attributes, common numeric settings) and it has served
+handlers, builtins, imported modules and their attributes, import hooks, common numeric settings) and it has served
 fewer than `calls_per_worker` calls. State deeper inside objects (a class attribute, a module-level
 list) is not compared; a session, which the agent loop uses, always starts in a new process.
 Session workers keep one namespace and are never handed to anyone else.
@@ -37,6 +37,7 @@ import tempfile
 import traceback
 import types
 import warnings
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 from mathtool.sandbox import linux, protocol
@@ -51,28 +52,46 @@ SIGNALS = tuple(
     for name in "SIGALRM SIGINT SIGTERM SIGHUP SIGCHLD SIGPIPE SIGUSR1 SIGUSR2 SIGXCPU SIGXFSZ SIGSEGV SIGFPE".split()
 )
 TIMERS = (signal.ITIMER_REAL, signal.ITIMER_VIRTUAL, signal.ITIMER_PROF)
-OWN_MODULES = ("__main__", "sys")  # rebound by every call; what matters in sys is checked apart
 DICT_VERSION_OFFSET = 3 * ctypes.sizeof(ctypes.c_ssize_t)  # CPython 3.11 PyDictObject: refcnt, type, ma_used
-_VERSION = ctypes.POINTER(ctypes.c_uint64)
 
 
 class ModuleWatch:
     """Whether a call imported a module, replaced one in sys.modules or set an attribute of one
-    (`math.pi = 3`), in ~0.1 ms: module identities, and the version tag (PEP 509) of each module's
-    globals dict, which CPython 3.11 renews on any change to the dict."""
+    (`math.pi = 3`), in a few microseconds, from the version tags (PEP 509) that CPython 3.11 renews on
+    any change to a dict: the tag of sys.modules itself, read before and after the call, and the tags of
+    every module's globals dict, gathered by numpy from their addresses in one operation."""
 
     def __init__(self) -> None:
-        # held so that each dict, and so the address its tag is read at, lives as long as the watch
-        self.namespaces = [vars(m) for n, m in sys.modules.items() if n not in OWN_MODULES and _has_dict(m)]
-        self.tags = [ctypes.cast(id(d) + DICT_VERSION_OFFSET, _VERSION) for d in self.namespaces]
-        self.modules, self.versions = self.state()
+        import numpy  # preloaded by the zygote, after it entered the sandbox's root
 
-    def state(self) -> tuple[tuple[int, ...], list[int]]:
-        """Call with sys.modules["__main__"] restored to the worker's own (see `Worker.handle`)."""
-        return tuple(map(id, sys.modules.values())), [tag[0] for tag in self.tags]
+        self.sys_modules = _version_tag(sys.modules)
+        # Every module's namespace but those each call rebinds (sys.stdout, sys.modules["__main__"]);
+        # held so that each dict, and so the address its tag is read at, lives as long as the watch.
+        self.namespaces = [vars(m) for n, m in sys.modules.items() if n not in ("__main__", "sys") and _has_dict(m)]
+        addresses = numpy.array([id(d) + DICT_VERSION_OFFSET for d in self.namespaces], dtype=numpy.uint64)
+        low = int(addresses.min())
+        span = (ctypes.c_uint64 * (int(addresses.max() - low) // 8 + 1)).from_address(low)
+        self.memory = numpy.frombuffer(span, dtype=numpy.uint64)  # a view: only the gathered words are read
+        self.index = (addresses - low) // 8
+        self.versions = self.memory[self.index]
+        self.array_equal = numpy.array_equal
+        self.before_call = 0
+        self.sys_modules_untouched = True
+
+    def call_starts(self) -> None:
+        """After the worker set sys.modules["__main__"] for the call, before the call's code runs."""
+        self.before_call = self.sys_modules[0]
+
+    def call_ended(self) -> None:
+        """After the call, before sys.modules["__main__"] is restored (which renews the tag)."""
+        self.sys_modules_untouched = self.sys_modules[0] == self.before_call
 
     def unchanged(self) -> bool:
-        return self.state() == (self.modules, self.versions)
+        return self.sys_modules_untouched and bool(self.array_equal(self.memory[self.index], self.versions))
+
+
+def _version_tag(d: dict[Any, Any]) -> Any:
+    return ctypes.cast(id(d) + DICT_VERSION_OFFSET, ctypes.POINTER(ctypes.c_uint64))
 
 
 def _has_dict(module: object) -> bool:
@@ -165,6 +184,7 @@ class Worker:
         self.isolated = config.isolation
         self.scratch = scratch
         self.control = socket.socket(fileno=CONTROL)
+        self.buffer = bytearray()
         self.calls = 0
         self.had_children = False
         self.session: types.ModuleType | None = None
@@ -176,6 +196,7 @@ class Worker:
         self.pristine = self.fingerprint()
         self.main = sys.modules.get("__main__")
         self.modules = ModuleWatch()
+        self.arm()
 
     def serve(self) -> None:
         self.send({"ready": True})
@@ -184,6 +205,8 @@ class Worker:
                 in_session = bool(request.get("session"))
                 self.send(self.handle(str(request["code"]), in_session))
                 ready = self.prepare_next_call(in_session)
+                if ready:
+                    self.arm()
                 self.send({"ready": ready})
                 if not ready:
                     break
@@ -193,10 +216,10 @@ class Worker:
 
     def handle(self, code: str, in_session: bool) -> dict[str, Any]:
         module = self.main_module(in_session)
-        self.limit_cpu()
-        streams = _open_streams()
-        ok, error = run_cell(code, vars(module), streams[1])
-        _close_streams(streams)
+        self.modules.call_starts()
+        ok, error = run_cell(code, vars(module), self.streams[1])
+        _close_streams(self.streams)
+        self.modules.call_ended()
         sys.modules["__main__"] = self.main  # the call's namespace is not left behind as a module
         self.had_children = self.kill_descendants()
         self.calls += 1
@@ -208,16 +231,12 @@ class Worker:
             return False
         if in_session:
             return True
-        if self.calls >= self.limits.calls_per_worker or not self.unchanged():
+        if self.calls >= self.limits.calls_per_worker:
+            return False
+        if not _safely(lambda: self.modules.unchanged() and self.fingerprint() == self.pristine):
             return False
         self.reset_process_state()
         return True
-
-    def unchanged(self) -> bool:
-        try:
-            return self.fingerprint() == self.pristine and self.modules.unchanged()
-        except Exception:
-            return False
 
     def main_module(self, in_session: bool) -> types.ModuleType:
         if not in_session or self.session is None:
@@ -240,6 +259,11 @@ class Worker:
         sys.argv[:] = [""]
         decimal.setcontext(self.decimal_context.copy())
         _reseed()
+
+    def arm(self) -> None:
+        """Before saying it is ready, off the caller's clock: the next call's CPU limit and output streams."""
+        self.limit_cpu()
+        self.streams = _open_streams()
 
     def limit_cpu(self) -> None:
         usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -272,11 +296,10 @@ class Worker:
             tuple(resource.getrlimit(which) for which in FIXED_LIMITS),
             resource.getrlimit(resource.RLIMIT_CPU)[1],
             (sys.getrecursionlimit(), sys.get_int_max_str_digits(), sys.gettrace(), sys.getprofile()),
+            (id(sys.modules), tuple(sys.meta_path), tuple(sys.path_hooks)),
             (sys.displayhook, sys.excepthook, gc.isenabled(), faulthandler.is_enabled()),
             tuple(signal.getsignal(s) for s in SIGNALS),
             tuple(signal.getitimer(timer) for timer in TIMERS),
-            tuple(vars(builtins)),
-            tuple(map(id, vars(builtins).values())),
             tuple(warnings.filters),
             str(decimal.DefaultContext),
             (numpy.get_printoptions(), numpy.geterr()) if numpy else None,
@@ -287,23 +310,13 @@ class Worker:
         self.control.sendall(protocol.encode_frame(message))
 
     def receive(self) -> dict[str, Any] | None:
-        header = self._read_exact(protocol.HEADER.size)
-        if header is None:
-            return None
-        (size,) = protocol.HEADER.unpack(header)
-        if size > protocol.MAX_REQUEST_BYTES:
-            raise ValueError(f"request of {size} bytes")
-        body = self._read_exact(size)
-        return None if body is None else json.loads(body)
-
-    def _read_exact(self, size: int) -> bytes | None:
-        buffer = bytearray()
-        while len(buffer) < size:
-            chunk = self.control.recv(size - len(buffer))
+        """The next request (usually a single recv), or None when the host closed the socket."""
+        while (body := protocol.take_frame(self.buffer, protocol.MAX_REQUEST_BYTES)) is None:
+            chunk = self.control.recv(1 << 20)
             if not chunk:
                 return None
-            buffer += chunk
-        return bytes(buffer)
+            self.buffer += chunk
+        return json.loads(body)
 
 
 def run_cell(source: str, namespace: dict[str, Any], stderr: io.TextIOBase) -> tuple[bool, str | None]:
@@ -325,6 +338,14 @@ def run_cell(source: str, namespace: dict[str, Any], stderr: io.TextIOBase) -> t
     except BaseException as exc:  # the cell's own error, whatever it is: report it and keep serving
         _print_traceback(exc, stderr)
         return False, traceback.format_exception_only(type(exc), exc)[-1].strip()
+
+
+def _safely(check: Callable[[], bool]) -> bool:
+    """A check of state the call may have broken in any way: False if it raises."""
+    try:
+        return check()
+    except Exception:
+        return False
 
 
 def _compile(source: str) -> tuple[types.CodeType, types.CodeType | None]:
