@@ -219,8 +219,13 @@ class OpenAIBackend:
 
     async def complete_chat(self, messages: list[dict], params: SamplingParams) -> Completion:
         payload = {"model": self.model, "messages": messages, **_sampling(params, params.max_tokens)}
-        choice = (await self._post("/v1/chat/completions", payload))["choices"][0]
-        return Completion(text=choice["message"].get("content") or "", finish_reason=_finish_reason(choice))
+        body = await self._post("/v1/chat/completions", payload)
+        choice = body["choices"][0]
+        return Completion(
+            text=choice["message"].get("content") or "",
+            finish_reason=_finish_reason(choice),
+            usage_tokens=int((body.get("usage") or {}).get("completion_tokens") or 0),
+        )
 
     # --- transport -------------------------------------------------------------------------------
 
