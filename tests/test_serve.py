@@ -193,3 +193,41 @@ async def test_server_killed_mid_run_raises_server_error(tokenizer, tmp_path: Pa
             assert isinstance(result, ServerError) and "\n" not in str(result)
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+async def test_llamacpp_serves_the_embedded_gguf_and_the_agent_runs_on_the_chat_path(tmp_path: Path) -> None:
+    """llama.cpp (llama-cpp-python's server) takes no token-id prompts: the probe finds that, and the agent
+    loop falls back to chat completions, where the server's token counts still bound the response."""
+    from mathtool.agent.loop import AgentConfig, run_agent
+    from mathtool.agent.parsers import MARKDOWN
+    from mathtool.data.problem import Problem
+    from mathtool.sandbox import PythonSandbox
+
+    problem = Problem("mul", "Use Python to compute 123456 * 654321. Give the answer in \\boxed{}.", "80779853376")
+    config = AgentConfig(tool_format=MARKDOWN, max_turns=3, max_response_length=120,
+                         sampling=SamplingParams(temperature=0.8, top_p=0.95))
+    server = start_server(embedded_spec(port=0, engine="llamacpp"), log_path=tmp_path / "llamacpp.log")
+    try:
+        async with await OpenAIBackend.connect([server.base_url]) as backend, PythonSandbox() as sandbox:
+            assert backend.model == EMBEDDED_MODEL_NAME and backend.supports_token_ids is False
+            runs = await asyncio.gather(*[run_agent(problem, s, backend, sandbox, config, None) for s in range(4)])
+    finally:
+        server.stop()
+    for run in runs:
+        assert run.error is None and run.completion_ids is None and run.messages[2]["role"] == "assistant"
+        assert 0 < run.response_tokens <= config.max_response_length
+        assert run.num_turns >= 1 and run.termination in ("answered", "stopped", "budget", "max_turns")
+
+
+def test_engine_mistakes_are_one_clear_line() -> None:
+    from mathtool.errors import ConfigError
+    from mathtool.serve.launch import server_command
+
+    with pytest.raises(ConfigError, match="give sglang a --model"):
+        embedded_spec(engine="sglang")
+    with pytest.raises(ConfigError, match="unknown server engine 'tgi'"):
+        embedded_spec(engine="tgi")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"serves a \.gguf file"):
+        server_command(ServerSpec(model="Qwen/Qwen3-4B", engine="llamacpp", port=1))
+    assert embedded_spec(engine="llamacpp").model.endswith(".gguf")

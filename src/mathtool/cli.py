@@ -141,7 +141,7 @@ def serve(
     engine: Annotated[str, typer.Option(help="vllm, sglang or llamacpp.")] = "vllm",
     port: Annotated[int, typer.Option(help="Port; 0 picks a free one.")] = 30000,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    dtype: Annotated[str | None, typer.Option(help="Weights dtype [auto; embedded bfloat16].")] = None,
+    dtype: Annotated[str | None, typer.Option(help="Weights dtype, vLLM/SGLang [auto; embedded float32].")] = None,
     max_model_len: Annotated[int | None, typer.Option(help="Context length [the model's; embedded 4096].")] = None,
     tensor_parallel_size: Annotated[int, typer.Option(help="GPUs per model replica.")] = 1,
     data_parallel_size: Annotated[int, typer.Option(help="Model replicas.")] = 1,
@@ -152,7 +152,7 @@ def serve(
 
     from mathtool.serve import ServerSpec, embedded_spec, serve_forever
 
-    base = embedded_spec(port=port) if model is None else ServerSpec(model=model)
+    base = embedded_spec(port=port, engine=engine) if model is None else ServerSpec(model=model)
     spec = replace(base, engine=engine, port=port, host=host, dtype=dtype or base.dtype,
                    max_model_len=max_model_len or base.max_model_len, tensor_parallel_size=tensor_parallel_size,
                    data_parallel_size=data_parallel_size, tool_call_parser=tool_call_parser)

@@ -33,7 +33,7 @@ import httpx
 
 from mathtool.errors import ConfigError, ServerError
 from mathtool.paths import mathtool_home
-from mathtool.serve.embedded import EMBEDDED_MODEL_NAME, ensure_embedded_model
+from mathtool.serve.embedded import EMBEDDED_MODEL_NAME, ensure_embedded_model, find_embedded_gguf
 
 logger = logging.getLogger(__name__)
 
@@ -69,13 +69,21 @@ class ServerSpec:
         return self.served_model_name or self.model
 
 
-def embedded_spec(port: int = 0, max_model_len: int = 4096) -> ServerSpec:
-    """The embedded default: SmolLM2-135M-Instruct on vLLM's CPU build (converts the GGUF on first use).
+def embedded_spec(port: int = 0, max_model_len: int = 4096, engine: Engine = "vllm") -> ServerSpec:
+    """The embedded default, SmolLM2-135M-Instruct: on vLLM's CPU build (the GGUF converted to a Hugging
+    Face folder on first use), or on llama.cpp straight from the GGUF.
 
-    float32 and eager mode, measured on 2 AVX2 cores: bfloat16 falls back to slow matmuls (16 concurrent
-    requests: 23 tok/s against 60 in float32), and torch.compile costs ~110 s at every start (vLLM 0.32
-    fails to reload its compile cache) without making decoding faster; eager starts in ~85 s.
+    vLLM: float32 and eager mode, measured on 2 AVX2 cores: bfloat16 falls back to slow matmuls (16
+    concurrent requests: 23 tok/s against 60 in float32), and torch.compile costs ~110 s at every start
+    (vLLM 0.32 fails to reload its compile cache) without making decoding faster; eager starts in ~85 s.
     """
+    if engine not in ENGINES:
+        raise ConfigError(f"unknown server engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    if engine == "llamacpp":
+        gguf = str(find_embedded_gguf())
+        return ServerSpec(gguf, engine, port=port, max_model_len=max_model_len, served_model_name=EMBEDDED_MODEL_NAME)
+    if engine != "vllm":
+        raise ConfigError(f"the embedded model is served by vllm or llamacpp, not {engine}; give {engine} a --model")
     return ServerSpec(
         model=str(ensure_embedded_model()),
         port=port,
@@ -128,15 +136,20 @@ def _sglang_command(spec: ServerSpec) -> list[str]:
 
 
 def _llamacpp_command(spec: ServerSpec) -> list[str]:
-    executable = shutil.which("llama-server")
-    if executable is None:
-        raise ServerError("llama-server is not on PATH; install llama.cpp (its server binary) or use --engine vllm")
+    """llama.cpp's own `llama-server` when it is on PATH, else the server of llama-cpp-python."""
     if spec.tensor_parallel_size != 1 or spec.data_parallel_size != 1:
         raise ConfigError("llama.cpp has no tensor/data parallel size; drop those flags or use --engine vllm")
-    command = [executable, "--model", spec.model, "--host", spec.host, "--port", str(spec.port), "--jinja"]
-    command += _optional("--ctx-size", spec.max_model_len)
-    command += _optional("--alias", spec.served_model_name)
-    return command
+    if not spec.model.endswith(".gguf"):
+        raise ConfigError(f"llama.cpp serves a .gguf file, not {spec.model}; pass --model FILE.gguf")
+    executable = shutil.which("llama-server")
+    if executable is not None:
+        command = [executable, "--model", spec.model, "--host", spec.host, "--port", str(spec.port), "--jinja"]
+        return command + _optional("--ctx-size", spec.max_model_len) + _optional("--alias", spec.served_model_name)
+    hint = "pip install 'llama-cpp-python[server]' (it compiles llama.cpp, ~5 min), or put llama-server on PATH"
+    _require_module("llama_cpp", hint)
+    command = [sys.executable, "-m", "llama_cpp.server", "--model", spec.model]
+    command += ["--host", spec.host, "--port", str(spec.port)]
+    return command + _optional("--n_ctx", spec.max_model_len) + _optional("--model_alias", spec.served_model_name)
 
 
 def _optional(flag: str, value: object | None) -> list[str]:
@@ -267,7 +280,7 @@ def _wait_healthy(server: ServerProcess, timeout_s: float) -> None:
                     f"{server.spec.engine} server for {server.spec.model} exited with code {code} "
                     f"while starting; full log: {server.log_path}\n{server.log_tail()}"
                 )
-            if _is_healthy(client, root):
+            if _is_healthy(client, root, server.spec.engine):
                 logger.info(
                     "%s server ready at %s after %.0f s",
                     server.spec.engine,
@@ -282,9 +295,11 @@ def _wait_healthy(server: ServerProcess, timeout_s: float) -> None:
     )
 
 
-def _is_healthy(client: httpx.Client, root: str) -> bool:
+def _is_healthy(client: httpx.Client, root: str, engine: str) -> bool:
+    # llama-cpp-python's server has no /health; llama.cpp's answers /v1/models with 503 while loading.
+    paths = ("/v1/models",) if engine == "llamacpp" else ("/health", "/v1/models")
     try:
-        return all(client.get(root + path).status_code == 200 for path in ("/health", "/v1/models"))
+        return all(client.get(root + path).status_code == 200 for path in paths)
     except httpx.HTTPError:
         return False
 
