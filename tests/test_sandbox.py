@@ -59,23 +59,36 @@ async def test_runs_code_with_fresh_state_for_each_call(sandbox: PythonSandbox) 
     assert (result.stdout, result.stderr, result.ok, result.timed_out) == ("42\n", "", True, False)
     assert 0 < result.duration_s < 1
     assert await run_ok(sandbox, "import sympy as sp\nx = sp.symbols('x')\nsp.solve(x**2 - 4, x)") == "[-2, 2]\n"
-    await run_ok(sandbox, "y = 1\nimport sys, decimal, numpy\nsys.setrecursionlimit(60)\n")
-    await run_ok(sandbox, "import decimal, numpy\ndecimal.getcontext().prec = 3\nnumpy.set_printoptions(precision=1)")
-    await run_ok(sandbox, "import math, sys, sympy\nmath.pi = 3\nsympy.sqrt = len\nsys.modules['json'] = math")
-    await run_ok(sandbox, "import colorsys\ncolorsys.ONE_THIRD = 0")
-    await run_ok(sandbox, "import sys\nsys.modules = dict(sys.modules, leak=sys)")
     finder = "import sys\nclass F:\n    find_spec = staticmethod(lambda *a: None)\nsys.meta_path.insert(0, F())"
-    await run_ok(sandbox, finder)
-    code = (
-        "import sys, decimal, numpy\n"
-        "print('y' in globals(), sys.getrecursionlimit(), decimal.getcontext().prec)\n"
+    changes = [
+        "y = 1\nimport sys\nsys.setrecursionlimit(60)\n",
+        "import decimal, numpy\ndecimal.getcontext().prec = 3\nnumpy.set_printoptions(precision=1)",
+        "import math, sympy\nmath.pi = 3\nsympy.sqrt = len",
+        "import math, sys\nsys.modules['json'] = math",
+        "import colorsys\ncolorsys.ONE_THIRD = 0",
+        "import sys\nsys.modules = dict(sys.modules, leak=sys)",
+        finder,
+    ]
+    check = (
+        "import sys, decimal, numpy, math, json, sympy, colorsys\n"
+        "print('y' in globals(), sys.getrecursionlimit(), decimal.getcontext().prec, numpy.array([1/3]))\n"
+        "print(math.pi, json.__name__, sympy.sqrt(4), colorsys.ONE_THIRD)\n"
         "print('leak' in sys.modules, [type(f).__name__ for f in sys.meta_path].count('F'))"
     )
-    for _ in range(5):  # whichever worker serves it, nothing of the calls above remains
-        assert await run_ok(sandbox, code) == "False 1000 28\nFalse 0\n"
-        assert await run_ok(sandbox, "import numpy; print(numpy.array([1/3]))") == "[0.33333333]\n"
-        modules = "import math, json, sympy, colorsys\nprint(math.pi, json.__name__, sympy.sqrt(4), colorsys.ONE_THIRD)"
-        assert await run_ok(sandbox, modules) == "3.141592653589793 json 2 0.3333333333333333\n"
+    clean = "False 1000 28 [0.33333333]\n3.141592653589793 json 2 0.3333333333333333\nFalse 0\n"
+    for change in changes:
+        await run_ok(sandbox, change)
+        for _ in range(4):  # the changed worker is the most recently used: it would serve one of these
+            assert await run_ok(sandbox, check) == clean, change
+
+
+@shared_loop
+async def test_a_clean_call_keeps_its_worker_warm_and_a_changed_module_retires_it(sandbox: PythonSandbox) -> None:
+    await run_ok(sandbox, "x = [i * i for i in range(10)]\nimport math\nprint(math.pi)")
+    worker = sandbox._pool.used[-1]  # the worker that served it, kept for the next run()
+    assert await worker.wait_ready(5)
+    await run_ok(sandbox, "import math\nmath.tau = 6")  # served by the most recently used ready worker
+    assert not await worker.wait_ready(5)  # it said it retires
 
 
 @shared_loop
