@@ -44,13 +44,14 @@ class PythonSandbox:
     """Isolated Python for model-written code. Use as `async with PythonSandbox(...) as sb:`.
 
     `await sb.run(code)` runs each call in a fresh namespace on a warm worker; a worker whose call left a
-    trace in the process (threads, files in /tmp, changed limits or signal handlers, builtins, numeric
-    settings of decimal/numpy/mpmath) is replaced, and every worker after `calls_per_worker` calls.
-    Module attributes a call reassigns are not detected: `calls_per_worker=1` gives every call a new
-    process (a fork, ~10x slower). `async with sb.session() as s` keeps state across `s.run()` calls in
-    a process no one else uses. `workers` fresh workers are kept forked ahead of need; `max_workers`
-    caps live worker processes (each session holds one). `timeout_s` is enforced by the host, whatever
-    the code does. `isolation=False` runs code without namespaces: unsafe, and loudly logged.
+    trace in the process (threads, files in /tmp, changed limits or signal handlers, imported modules or
+    module attributes, import hooks, numeric settings of decimal/numpy/mpmath) is replaced, and every
+    worker after `calls_per_worker` calls. State deeper inside objects (a class attribute, a list held by
+    a module) is not compared: `calls_per_worker=1` gives every call a new process (~10x slower).
+    `async with sb.session() as s` keeps state across `s.run()` calls in a process no one else uses.
+    `workers` fresh workers are kept forked ahead of need; `max_workers` caps live worker processes
+    (each session holds one). `timeout_s` is enforced by the host, whatever the code does.
+    `isolation=False` runs code without namespaces: unsafe, and loudly logged.
     """
 
     def __init__(
