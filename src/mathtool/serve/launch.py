@@ -41,6 +41,7 @@ Engine = Literal["vllm", "sglang", "llamacpp"]
 ENGINES: tuple[str, ...] = ("vllm", "sglang", "llamacpp")
 DEFAULT_PORT = 30000
 LOG_TAIL_LINES = 20
+SMALL_MACHINE_CPUS = 4
 _PR_SET_PDEATHSIG = 1
 
 
@@ -162,10 +163,14 @@ def _require_module(module: str, install_hint: str) -> None:
 
 
 def server_env(spec: ServerSpec) -> dict[str, str]:
-    """The server's environment: ours, plus a KV-cache size for vLLM's CPU build."""
+    """The server's environment: ours, plus a KV-cache size for vLLM's CPU build, and on a machine of at
+    most SMALL_MACHINE_CPUS cores no core reserved for its scheduler: on 2 cores that doubles the cores
+    computing (measured: an AIME run at 104 tok/s instead of 64, the same seeded outputs)."""
     env = dict(os.environ)
     if spec.engine == "vllm" and _is_vllm_cpu_build():
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB; the CPU build's default is far larger
+        if len(os.sched_getaffinity(0)) <= SMALL_MACHINE_CPUS:
+            env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     return env
 
 
