@@ -1,5 +1,5 @@
-"""Serving and the OpenAI-compatible client against real vLLM servers: the session's embedded server,
-plus one more started and killed by `test_server_killed_mid_run_raises_server_error`."""
+"""Serving and the OpenAI-compatible client against real servers: the session's embedded vLLM server,
+one more started and killed by `test_server_killed_mid_run_raises_server_error`, and llama.cpp."""
 
 from __future__ import annotations
 
@@ -15,11 +15,15 @@ import httpx
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from mathtool.errors import ServerError
+from mathtool.agent.loop import AgentConfig, run_agent
+from mathtool.agent.parsers import MARKDOWN
+from mathtool.data.problem import Problem
+from mathtool.errors import ConfigError, ServerError
 from mathtool.llm import OpenAIBackend, SamplingParams
+from mathtool.sandbox import PythonSandbox
 from mathtool.serve import ServerSpec, embedded_spec, start_server
 from mathtool.serve.embedded import EMBEDDED_MODEL_NAME
-from mathtool.serve.launch import resolve_port
+from mathtool.serve.launch import resolve_port, server_command
 
 LONG_QUESTION = "Write a long, detailed essay about the history of mathematics, from Babylon to today."
 
@@ -199,11 +203,6 @@ async def test_server_killed_mid_run_raises_server_error(tokenizer, tmp_path: Pa
 async def test_llamacpp_serves_the_embedded_gguf_and_the_agent_runs_on_the_chat_path(tmp_path: Path) -> None:
     """llama.cpp (llama-cpp-python's server) takes no token-id prompts: the probe finds that, and the agent
     loop falls back to chat completions, where the server's token counts still bound the response."""
-    from mathtool.agent.loop import AgentConfig, run_agent
-    from mathtool.agent.parsers import MARKDOWN
-    from mathtool.data.problem import Problem
-    from mathtool.sandbox import PythonSandbox
-
     problem = Problem("mul", "Use Python to compute 123456 * 654321. Give the answer in \\boxed{}.", "80779853376")
     config = AgentConfig(tool_format=MARKDOWN, max_turns=3, max_response_length=120,
                          sampling=SamplingParams(temperature=0.8, top_p=0.95))
@@ -221,9 +220,6 @@ async def test_llamacpp_serves_the_embedded_gguf_and_the_agent_runs_on_the_chat_
 
 
 def test_engine_mistakes_are_one_clear_line() -> None:
-    from mathtool.errors import ConfigError
-    from mathtool.serve.launch import server_command
-
     with pytest.raises(ConfigError, match="give sglang a --model"):
         embedded_spec(engine="sglang")
     with pytest.raises(ConfigError, match="unknown server engine 'tgi'"):

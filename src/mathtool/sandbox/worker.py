@@ -8,9 +8,9 @@ stderr memfds (shared with the host), 3 the socket to the host, 4 and 5 spare co
 A cell runs like a notebook cell: module-level code in a `__main__` namespace, and the value of a final
 bare expression is printed. For `run()` each call gets a fresh namespace; a worker that served a call is
 reused only if the call left no trace in the process (threads, files in /tmp, changed limits, signal
-handlers, builtins, imported modules and their attributes, import hooks, common numeric settings) and it has served
-fewer than `calls_per_worker` calls. State deeper inside objects (a class attribute, a module-level
-list) is not compared; a session, which the agent loop uses, always starts in a new process.
+handlers, builtins, imported modules and their attributes, import hooks, common numeric settings) and
+it has served fewer than `calls_per_worker` calls. State deeper inside objects (a class attribute, a
+module-level list) is not compared; a session, which the agent loop uses, always starts in a new process.
 Session workers keep one namespace and are never handed to anyone else.
 """
 

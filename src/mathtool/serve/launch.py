@@ -78,8 +78,7 @@ def embedded_spec(port: int = 0, max_model_len: int = 4096, engine: Engine = "vl
     concurrent requests: 23 tok/s against 60 in float32), and torch.compile costs ~110 s at every start
     (vLLM 0.32 fails to reload its compile cache) without making decoding faster; eager starts in ~85 s.
     """
-    if engine not in ENGINES:
-        raise ConfigError(f"unknown server engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    _check_engine(engine)
     if engine == "llamacpp":
         gguf = str(find_embedded_gguf())
         return ServerSpec(gguf, engine, port=port, max_model_len=max_model_len, served_model_name=EMBEDDED_MODEL_NAME)
@@ -98,16 +97,20 @@ def embedded_spec(port: int = 0, max_model_len: int = 4096, engine: Engine = "vl
     )
 
 
+def _check_engine(engine: str) -> None:
+    if engine not in ENGINES:
+        raise ConfigError(f"unknown server engine {engine!r}; choose one of {', '.join(ENGINES)}")
+
+
 def server_command(spec: ServerSpec) -> list[str]:
     """The command line that starts `spec` (the port must already be concrete)."""
+    _check_engine(spec.engine)
     if spec.engine == "vllm":
         command = _vllm_command(spec)
     elif spec.engine == "sglang":
         command = _sglang_command(spec)
-    elif spec.engine == "llamacpp":
-        command = _llamacpp_command(spec)
     else:
-        raise ConfigError(f"unknown server engine {spec.engine!r}; choose one of {', '.join(ENGINES)}")
+        command = _llamacpp_command(spec)
     return command + list(spec.extra_args)
 
 
