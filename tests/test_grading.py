@@ -37,8 +37,9 @@ def boxed(answer: str) -> str:
 @pytest.fixture(scope="module", autouse=True)
 def warm_pool() -> None:
     """Start the shared workers once, so that timing bounds below measure grading, not Python start-up."""
-    with ThreadPoolExecutor(8) as threads:
-        list(threads.map(lambda _: grade(boxed("\\frac{1}{2}"), "0.5"), range(8)))
+    grader_module.start_workers()
+    pool = grader_module._shared().pool
+    assert len(pool.pids()) == pool.max_size
 
 
 # --- extraction -------------------------------------------------------------------------------------
@@ -46,7 +47,7 @@ def warm_pool() -> None:
 EXTRACTION_CASES = [
     ("\\boxed{5}", "5"),
     ("so $\\boxed{\\frac{1}{2}}$.", "\\frac{1}{2}"),
-    ("\\boxed{\\frac{\\sqrt{3}}{2}} and \\boxed{\\left(1,\\frac{2}{3}\\right)}", "\\left(1,\\frac{2}{3}\\right)"),
+    ("\\boxed{\\frac{\\sqrt{3}}{2}} so \\boxed{\\left(1,\\frac{2}{3}\\right)}", "\\left(1,\\frac{2}{3}\\right)"),
     ("first \\boxed{3} then \\fbox{4}", "4"),
     ("\\fbox{12}", "12"),
     ("the answer is \\boxed 5$ done", "5"),
@@ -59,6 +60,15 @@ EXTRACTION_CASES = [
     ("<think>maybe \\boxed{1}</think> so \\boxed{2}", "2"),
     ("<think>\\boxed{1}</think><think>\\boxed{3}</think>\\boxed{4}", "4"),
     ("\\boxed{9}\n" + "text " * 1000, "9"),
+    ("\\boxed{1}, \\boxed{2}, \\boxed{3}", "1, 2, 3"),
+    ("$\\boxed{(2, 2)}$ \\quad \\text{and} \\quad $\\boxed{(6, 2)}$.", "(2, 2), (6, 2)"),
+    ("\\(\\boxed{1}\\) and \\(\\boxed{-2}\\).", "1, -2"),
+    ("\\boxed{3} or \\boxed{5}", "3, 5"),
+    ("\\boxed{1}; \\boxed{2}", "1, 2"),
+    ("So \\boxed{20}.\n\nThe final answer is \\boxed{143}", "143"),
+    ("\\boxed{1}\\,\\boxed{2}", "2"),
+    ("\\boxed{1} order \\boxed{2}", "2"),
+    ("\\boxed{1}, " * 20 + "\\boxed{2}", "1, " * 9 + "2"),
 ]
 
 NO_ANSWER_CASES = [
@@ -140,7 +150,6 @@ NOT_EQUIVALENT_CASES = [
     ("250", "25"),
     ("(-2,4)", "[-2,4]"),
     ("\\frac{1}{3}", "0.333"),
-    ("3.14159", "\\pi"),
     ("2.0001", "2"),
     ("\\sqrt{2}", "2"),
     ("x=6", "5"),
@@ -209,6 +218,211 @@ def test_deepscaler_solutions_grade_against_their_answers() -> None:
     assert sum(r.correct for r in results) / len(results) > 0.9  # the rest box a choice letter, or err
 
 
+# --- decided cases: each rule is stated in the docstring of numeric.py, normalize.py, extract.py or grader.py
+
+# The tolerance rule (numeric.py): a decimal of 6 or more significant digits is right within one unit of
+# its last digit (the value rounded or truncated); digits past the 15th are float noise.
+DECIMALS_THAT_ROUND_OR_TRUNCATE_TO_THE_VALUE = [
+    ("0.3333333333", "\\frac{1}{3}"),
+    ("0.3333333", "\\frac{1}{3}"),
+    ("0.333333", "\\frac13"),
+    ("0.6666667", "\\frac{2}{3}"),  # rounded
+    ("0.6666666", "\\frac{2}{3}"),  # truncated
+    ("-0.6666667", "-\\frac{2}{3}"),
+    ("3.3333333e-06", "\\frac{1}{300000}"),
+    ("0.30000000000000004", "0.3"),  # what Python prints for 0.1 + 0.2
+    ("0.30000000000000004", "\\frac{3}{10}"),
+    ("1.4142136", "\\sqrt{2}"),  # in the worker: sympy evaluates the other side
+    ("3.14159", "\\pi"),
+    ("0.6321206", "1 - \\frac{1}{\\mathrm{e}}"),
+    ("\\frac{1}{3}", "0.3333333"),  # the gold may be the decimal
+    ("\\sqrt{2}", "1.41421356"),
+]
+DECIMALS_OFF_BY_A_UNIT_OR_TOO_SHORT = [
+    ("3.0000001", "3"),  # 3 is exact: 3.0000001 is 3 + 1e-7, one unit of its last digit away
+    ("2.9999999", "3"),
+    ("3.000001", "3"),
+    ("0.0000001", "0"),
+    ("0.3333343", "\\frac{1}{3}"),
+    ("0.33333", "\\frac{1}{3}"),  # 5 digits: exact, and 1/3 is not 0.33333
+    ("1.4142", "\\sqrt{2}"),
+    ("1.4142146", "\\sqrt{2}"),
+    ("\\frac{1}{3}", "0.333"),
+    ("12345678901234567", "12345678901234568"),  # an integer is exact at any length
+]
+
+
+@pytest.mark.parametrize(("answer", "ground_truth"), DECIMALS_THAT_ROUND_OR_TRUNCATE_TO_THE_VALUE)
+def test_a_decimal_of_6_or_more_digits_is_right_when_it_is_the_value_rounded_or_truncated(
+    answer: str, ground_truth: str
+) -> None:
+    assert grade(boxed(answer), ground_truth) == GradeResult(answer, True, "equivalent")
+
+
+@pytest.mark.parametrize(("answer", "ground_truth"), DECIMALS_OFF_BY_A_UNIT_OR_TOO_SHORT)
+def test_a_decimal_a_unit_off_or_under_6_digits_is_wrong_since_exact_values_need_exact_answers(
+    answer: str, ground_truth: str
+) -> None:
+    assert grade(boxed(answer), ground_truth) == GradeResult(answer, False, "not equivalent")
+
+
+def test_a_100000_digit_exact_match_is_right_because_comparing_strings_needs_no_parsing() -> None:
+    digits = "7" + "1234567890" * 10_000
+    started = time.perf_counter()
+    assert grade(boxed(digits), digits) == GradeResult(digits, True, "equivalent")
+    assert grade(boxed(digits), int("9" * 100)) == GradeResult(None, False, "answer too long")
+    assert time.perf_counter() - started < 1.0
+
+
+def test_a_100000_digit_near_miss_is_too_long_and_never_parsed() -> None:
+    digits = "7" + "1234567890" * 10_000
+    started = time.perf_counter()
+    assert grade(boxed(digits[:-1] + "1"), digits) == GradeResult(digits[:-1] + "1", False, "answer too long")
+    assert grade(boxed(digits[:-1]), digits) == GradeResult(digits[:-1], False, "answer too long")
+    assert time.perf_counter() - started < 1.0
+
+
+@pytest.mark.parametrize(
+    ("answer", "ground_truth", "correct"),
+    [
+        ("2, 3", "(3, 2)", False),  # a bare list is read in the order written: the pair (2, 3)
+        ("(2, 3)", "(3, 2)", False),
+        ("3, 2", "(3, 2)", True),
+        ("\\boxed{3}, \\boxed{2}", "(3, 2)", True),
+        ("\\boxed{2}, \\boxed{3}", "(3, 2)", False),
+        ("3, 2", "2, 3", True),  # a bare list as the gold is a list of values: any order
+        ("3, 2", "\\{2, 3\\}", True),
+    ],
+)
+def test_an_ordered_pairs_order_matters_so_2_3_is_not_the_pair_3_2(
+    answer: str, ground_truth: str, correct: bool
+) -> None:
+    response = boxed(answer) if "\\boxed" not in answer else answer
+    assert grade(response, ground_truth).correct is correct
+
+
+@pytest.mark.parametrize("ground_truth", ["nan", "NaN", math.nan, "", "  "])
+def test_a_nan_ground_truth_is_a_missing_label_so_no_answer_not_even_nan_is_right(ground_truth: str | float) -> None:
+    for answer in ("nan", "NaN", "5"):
+        assert grade(boxed(answer), ground_truth) == GradeResult(answer, False, "missing ground truth")
+
+
+@pytest.mark.parametrize("ground_truth", ["5", "0", "\\infty", "\\text{undefined}"])
+def test_nan_as_an_answer_is_no_number_so_it_matches_no_real_gold(ground_truth: str) -> None:
+    assert not is_correct(boxed("nan"), ground_truth)
+
+
+@pytest.mark.parametrize(
+    ("answer", "ground_truth", "correct"),
+    [
+        ("1e3", "1000", True),  # a tool-using agent boxes what Python prints: 1e3, 1.5e-05
+        ("1000", "1e3", True),
+        ("1.5e-3", "0.0015", True),
+        ("2E+2", "200", True),
+        ("1e3", "10^3", True),
+        ("1e3", "3e", False),  # digits, e, digits is never Euler's number times 3 (that is written 3e)
+        ("1e3", "1001", False),
+        ("3e", "3e", True),
+        ("3e", "e \\cdot 3", True),
+    ],
+)
+def test_1e3_is_scientific_notation_as_python_prints_it_not_3_times_euler(
+    answer: str, ground_truth: str, correct: bool
+) -> None:
+    assert grade(boxed(answer), ground_truth).correct is correct
+
+
+@pytest.mark.parametrize(
+    ("answer", "ground_truth", "correct"),
+    [
+        ("\\frac{\\pi}{2}", "90^\\circ", True),  # the same angle: a degree is pi/180
+        ("90^\\circ", "\\frac{\\pi}{2}", True),
+        ("90^{\\circ}", "\\pi/2", True),
+        ("\\frac{\\pi}{4}", "45^\\circ", True),
+        ("\\frac{\\pi}{3}", "90^\\circ", False),
+        ("90", "90^\\circ", True),  # a bare number against a gold in degrees is in degrees
+        ("1.5707963", "90^\\circ", False),
+        ("90", "\\frac{\\pi}{2}", False),  # ... and against a gold in radians, in radians
+    ],
+)
+def test_a_degree_sign_means_pi_over_180_against_an_answer_in_radians(
+    answer: str, ground_truth: str, correct: bool
+) -> None:
+    assert grade(boxed(answer), ground_truth).correct is correct
+
+
+@pytest.mark.parametrize(
+    ("answer", "ground_truth", "correct"),
+    [
+        ("1 - \\frac{1}{e}", "1 - \\frac{1}{\\mathrm{e}}", True),
+        ("1-e^{-1}", "1 - \\frac{1}{\\mathrm{e}}", True),
+        ("\\frac{e-1}{e}", "1 - \\frac{1}{\\mathrm{e}}", True),
+        ("\\frac{e+1}{e}", "1 - \\frac{1}{\\mathrm{e}}", False),
+        ("1 - \\frac{1}{\\mathrm{e}}", "\\frac{e-1}{e}", True),
+        ("1 - {\\rm e}^{-1}", "1 - \\frac{1}{e}", True),
+        ("2\\mathrm{i}", "2i", True),
+        ("3 + 2\\mathrm{i}", "3 - 2i", False),
+        ("\\operatorname{sin} x", "\\sin x", True),
+        ("\\mathrm{ln}(2)", "\\ln 2", True),
+        ("\\operatorname{sin} x", "\\cos x", False),
+        ("\\mathrm{e}^{2}", "e^2", True),
+    ],
+)
+def test_upright_letters_and_operator_names_are_the_plain_symbols_and_functions(
+    answer: str, ground_truth: str, correct: bool
+) -> None:
+    assert grade(boxed(answer), ground_truth).correct is correct
+
+
+@pytest.mark.parametrize(
+    ("response", "ground_truth", "correct"),
+    [
+        ("\\boxed{1}, \\boxed{2}, \\boxed{3}", "\\{1,2,3\\}", True),
+        ("\\boxed{3}, \\boxed{1}, \\boxed{2}", "1, 2, 3", True),
+        ("$\\boxed{(2, 2)} \\text{and} \\boxed{(6, 2)}$", "(2, 2), (6, 2)", True),
+        ("\\boxed{(6, 2)} \\text{ and } \\boxed{(2, 2)}", "(2, 2), (6, 2)", True),
+        ("\\boxed{1}, \\boxed{2}", "\\{1,2,3\\}", False),
+        ("\\boxed{(2, 2)} \\text{and} \\boxed{(6, 3)}", "(2, 2), (6, 2)", False),
+    ],
+)
+def test_boxes_joined_by_list_separators_are_one_list_answer(response: str, ground_truth: str, correct: bool) -> None:
+    assert grade(response, ground_truth).correct is correct
+
+
+@pytest.mark.parametrize(
+    "response", ["\\boxed{3}, \\boxed{5}", "\\boxed{5} or \\boxed{3}", "$\\boxed{3}$ and $\\boxed{5}$"]
+)
+def test_listing_candidates_in_boxes_earns_nothing_against_a_single_value(response: str) -> None:
+    assert not is_correct(response, "5")
+    assert not is_correct(response, "3")
+
+
+def test_a_box_parted_from_the_last_by_text_is_earlier_work_not_part_of_the_answer() -> None:
+    response = "First $\\boxed{20}$ apples.\n\nSo the final answer is $\\boxed{143}$."
+    assert grade(response, "143") == GradeResult("143", True, "equivalent")
+    assert not is_correct(response, "20, 143")
+
+
+@pytest.mark.parametrize(
+    ("answer", "ground_truth", "correct"),
+    [
+        ("1 000", "1000", True),
+        ("1000", "1 000", True),
+        ("1\\,000\\,000", "10^6", True),
+        ("12\\ 345.5", "12345.5", True),
+        ("-1~000", "-1000", True),
+        ("1 000", "999", False),
+        ("2 3", "23", False),  # not groups of three: a product, as LaTeX reads it
+        ("1 0000", "10000", False),
+        ("0,111", "111", False),  # no thousands group starts with 0
+        ("1,2", "1.2", False),  # a comma is never a decimal separator: 1,2 is the list 1, 2
+        ("1,2", "\\{1, 2\\}", True),
+    ],
+)
+def test_digits_grouped_in_thousands_by_spaces_are_one_number(answer: str, ground_truth: str, correct: bool) -> None:
+    assert grade(boxed(answer), ground_truth).correct is correct
+
+
 # --- bounded on adversarial input -------------------------------------------------------------------
 
 ADVERSARIAL = {
@@ -244,9 +458,9 @@ def test_a_worker_stuck_past_its_own_timer_is_killed_and_replaced(monkeypatch: p
     monkeypatch.undo()
     survivors = set(pool.pids())
     assert len(survivors) == len(before) - 1 and survivors < before  # the stuck one was killed
-    with ThreadPoolExecutor(pool.size) as threads:  # hold every slot at once: the empty one restarts
-        list(threads.map(lambda _: pool.call(time.sleep, (0.5,), 30, 30), range(pool.size)))
-    assert len(pool.pids()) == pool.size
+    with ThreadPoolExecutor(pool.max_size) as threads:  # slow jobs in every place: the lost worker restarts
+        list(threads.map(lambda _: pool.call(time.sleep, (2 * pool.slow_after_s,), 30, 30), range(pool.max_size)))
+    assert len(pool.pids()) == pool.max_size
     assert is_correct(boxed("\\frac{2}{4}"), "0.5")
 
 
@@ -305,6 +519,47 @@ def test_a_forked_child_grades_with_its_own_workers_and_leaves_the_parents_alone
     assert is_correct(boxed("\\frac{4}{8}"), "0.5")
 
 
+# --- cheap answers do not queue behind adversarial ones ---------------------------------------------
+
+CHEAP = {
+    "number": (boxed("\\frac{1}{2}"), "0.5"),  # decided in the calling process
+    "sympy": (boxed("2\\sqrt{2}"), "\\sqrt{8}"),  # needs a worker
+}
+
+
+@pytest.mark.timeout(120)
+def test_cheap_answers_from_threads_do_not_wait_behind_adversarial_ones_holding_every_worker() -> None:
+    pool, timeout_s = grader_module._shared().pool, grader_module.DEFAULT_TIMEOUT_S
+    latency = {}
+    with ThreadPoolExecutor(pool.size + 1) as threads:
+        adversarial = [threads.submit(grade, ADVERSARIAL["power tower"], "5") for _ in range(pool.size)]
+        time.sleep(0.2)  # every worker of the pool's size is now on a power tower
+        for name, (response, truth) in CHEAP.items():
+            started = time.perf_counter()
+            assert threads.submit(grade, response, truth).result().correct
+            latency[name] = time.perf_counter() - started
+        assert not any(future.done() for future in adversarial)
+        assert [future.result().reason for future in adversarial] == ["timeout"] * pool.size
+    assert latency["number"] < 0.1, latency
+    assert latency["sympy"] < timeout_s / 2, latency
+
+
+@pytest.mark.timeout(120)
+async def test_cheap_answers_from_asyncio_do_not_wait_behind_adversarial_ones_holding_every_worker() -> None:
+    pool, timeout_s = grader_module._shared().pool, grader_module.DEFAULT_TIMEOUT_S
+    adversarial = [asyncio.create_task(grade_async(ADVERSARIAL["power tower"], "5")) for _ in range(pool.size)]
+    await asyncio.sleep(0.2)
+    latency = {}
+    for name, (response, truth) in CHEAP.items():
+        started = time.perf_counter()
+        assert (await grade_async(response, truth)).correct
+        latency[name] = time.perf_counter() - started
+    assert not any(task.done() for task in adversarial)
+    assert [result.reason for result in await asyncio.gather(*adversarial)] == ["timeout"] * pool.size
+    assert latency["number"] < 0.1, latency
+    assert latency["sympy"] < timeout_s / 2, latency
+
+
 # --- the worker pool itself -------------------------------------------------------------------------
 
 
@@ -346,6 +601,42 @@ def test_pool_bounds_the_wait_for_a_free_worker(pool: KillablePool) -> None:
     with pytest.raises(WorkerTimeout, match="no free grader worker"):
         pool.call(math.factorial, (2,), timeout_s=30, wait_s=0.3)
     busy.join()
+
+
+@pytest.mark.timeout(120)
+def test_pool_grows_by_one_place_per_slow_job_up_to_max_size() -> None:
+    pool = KillablePool(size=1, max_size=2, slow_after_s=0.3)
+    try:
+        pool.call(math.factorial, (1,), timeout_s=30, wait_s=30)
+        with ThreadPoolExecutor(3) as threads:
+            slow = threads.submit(pool.call, time.sleep, (4,), 30, 30)
+            time.sleep(0.6)  # the sleep has turned slow: its place is free
+            started = time.perf_counter()
+            assert pool.call(math.factorial, (5,), timeout_s=30, wait_s=30) == 120
+            assert time.perf_counter() - started < 3.0  # a worker start, not the 4 s sleep
+            second = threads.submit(pool.call, time.sleep, (2,), 30, 30)
+            time.sleep(0.6)  # two slow jobs: two places, and max_size is 2
+            with pytest.raises(WorkerTimeout, match="no free grader worker"):
+                pool.call(math.factorial, (2,), timeout_s=30, wait_s=0.3)
+            slow.result(), second.result()
+        assert len(pool.pids()) == 2
+    finally:
+        pool.shutdown()
+
+
+@pytest.mark.timeout(120)
+def test_pool_shrinks_back_to_its_size_once_slow_jobs_end() -> None:
+    pool = KillablePool(size=1, max_size=2, slow_after_s=1.0)
+    try:
+        with ThreadPoolExecutor(2) as threads:
+            list(threads.map(lambda _: pool.call(time.sleep, (1.5,), 30, 30), range(2)))  # grows to 2 workers
+            busy = threads.submit(pool.call, time.sleep, (0.5,), 30, 30)  # not slow: holds the one place
+            time.sleep(0.1)
+            with pytest.raises(WorkerTimeout, match="no free grader worker"):
+                pool.call(math.factorial, (2,), timeout_s=30, wait_s=0.1)
+            busy.result()
+    finally:
+        pool.shutdown()
 
 
 def _ignore_timeout(pool: KillablePool, fn: Callable[..., Any], args: tuple[Any, ...], timeout_s: float) -> None:

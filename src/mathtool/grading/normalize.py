@@ -6,12 +6,19 @@ Each rule here has a test case in tests/test_grading.py that fails without it:
 - a unit word inside a text wrapper, `\\text{245 yd.}`, or in a plain ground truth `245 yd.`, is not a number;
 - a trailing full stop, `7.`, makes the whole answer unparseable;
 - a braced minus, `{-}13.5`, and sizing commands, `\\Big[1,2\\Big]`, are not understood;
-- when the ground truth is a choice letter, `\\textbf{(C)}\\ 28` is graded on its letter.
+- when the ground truth is a choice letter, `\\textbf{(C)}\\ 28` is graded on its letter;
+- an upright letter, `\\mathrm{e}`, `\\mathrm{i}`, `{\\rm e}`, stops the parse: it is the letter `e`, `i`;
+- a function in a font or operator command, `\\operatorname{sin}`, `\\mathrm{ln}`, is not parsed: it is `\\sin`;
+- digits grouped in thousands by spaces, `1 000`, `1\\,000`, read as a product: they are one number;
+- a degree sign against radians: `x^\\circ` is `x\\pi/180` when the other side is written with `\\pi`
+  (a bare number against a gold in degrees stays in degrees: `90` is right for `90^\\circ`).
 """
 
 from __future__ import annotations
 
 import re
+
+from mathtool.grading.numeric import literals_match, read_literal, ungroup_digits
 
 _SPACING = r"(?:\s|~|\\[,;:! ]|\\q?quad\b)*"
 _TEXT_COMMAND = r"\\(?:text|textbf|textnormal|textrm|mathrm|mathbf|mbox)\s*"
@@ -30,14 +37,24 @@ _SIZING = re.compile(r"\\(?:big|Big|bigg|Bigg)[lrm]?(?![A-Za-z])")
 _CHOICE_ONLY = re.compile(r"^\(?\s*([A-Z])\s*\)?$")
 _PAREN_NUMBER = re.compile(r"^\((-?\d+(?:\.\d+)?)\)$")
 _NUMBER_AND_UNIT = re.compile(r"^(-?\d+(?:\.\d+)?)\s+[A-Za-z]{2,}\.?$")
-_INTEGER = re.compile(r"^[-+]?\d+$")
+_FONT_LETTER = re.compile(r"\\(?:mathrm|mathit|operatorname)\s*\{\s*([A-Za-z])\s*\}|\{\s*\\rm\s+([A-Za-z])\s*\}")
+_FUNCTIONS = "sin|cos|tan|cot|sec|csc|arcsin|arccos|arctan|arccot|arcsec|arccsc|sinh|cosh|tanh|ln|log|exp|max|min|Re|Im"
+_FONT_FUNCTION = re.compile(r"\\(?:mathrm|operatorname)\s*\{\s*(" + _FUNCTIONS + r")\s*\}")
+_DEGREES = re.compile(r"^(-?\d+(?:\.\d+)?)\s*(?:\^\s*\{?\s*\\circ\s*\}?|°|\\degree\b)$")
+_PI = re.compile(r"\\pi(?![A-Za-z])")
+_MISSING = {"", "nan"}
 
 
-def normalize_gold(ground_truth: str | int) -> str:
+def normalize_gold(ground_truth: str | int | float) -> str:
     """The ground truth as clean LaTeX: delimiters, trailing stops and `245 yd.`-style units removed."""
     text = _strip(str(ground_truth))
     text, _ = _unwrap_number_text(text)
     return _drop_unit_word(text)
+
+
+def is_missing(gold: str) -> bool:
+    """True for a normalized ground truth that is no label at all: empty, or NaN (pandas' missing value)."""
+    return gold.strip().lower() in _MISSING
 
 
 def normalize_answer(answer: str, gold: str) -> str:
@@ -49,15 +66,21 @@ def normalize_answer(answer: str, gold: str) -> str:
     return _drop_unit_word(text) if from_text else text
 
 
+def align_angle_units(answer: str, gold: str) -> tuple[str, str]:
+    """(answer, gold) with a degree measure `x^\\circ` rewritten in radians where the other side has `\\pi`."""
+    return _in_radians(gold, answer), _in_radians(answer, gold)
+
+
 def quick_verdict(answer: str, gold: str) -> bool | None:
-    """True/False when no sympy is needed (same string, two integers, choice letters); else None."""
+    """True/False when no sympy is needed (same string, choice letters, two number literals); else None."""
     if answer == gold:
         return True
-    if _INTEGER.match(answer) and _INTEGER.match(gold):
-        return int(answer) == int(gold)  # AIME zero padding: "025" == "25"
     gold_letter = choice_letter(gold)
     if gold_letter is not None:
         return gold_letter == (_choice_label(answer) or choice_letter(answer))
+    answer_number, gold_number = read_literal(answer), read_literal(gold)
+    if answer_number is not None and gold_number is not None:  # AIME zero padding: "025" == "25"
+        return literals_match(answer_number, gold_number)
     return None
 
 
@@ -68,14 +91,28 @@ def choice_letter(text: str) -> str | None:
     return match.group(1) if match else None
 
 
+def _in_radians(other: str, text: str) -> str:
+    """`text` in radians if it is a bare degree measure and `other` is written with \\pi; else unchanged."""
+    degrees = _DEGREES.match(text)
+    if degrees is None or not _PI.search(other) or _DEGREES.match(other):
+        return text
+    return f"\\frac{{{degrees.group(1)}\\pi}}{{180}}"
+
+
+def _plain_letters(text: str) -> str:
+    """`\\mathrm{e}` -> `e`, `{\\rm i}` -> `i`, `\\operatorname{sin}` -> `\\sin`."""
+    text = _FONT_LETTER.sub(lambda m: m.group(1) or m.group(2), text)
+    return _FONT_FUNCTION.sub(r"\\\1", text)
+
+
 def _strip(text: str) -> str:
-    text = _SIZING.sub("", _BRACED_MINUS.sub("-", text)).strip()
+    text = _plain_letters(_SIZING.sub("", _BRACED_MINUS.sub("-", text))).strip()
     for delimiters in (_DOLLARS, _DISPLAY):
         match = delimiters.match(text)
         if match:
             text = match.group(1).strip()
     stripped = _TRAILING_JUNK.sub("", text)
-    return stripped or text
+    return ungroup_digits(stripped or text)
 
 
 def _choice_label(text: str) -> str | None:

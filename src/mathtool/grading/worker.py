@@ -1,8 +1,9 @@
-"""The grader worker process: `main()` with argv `FD [MODULE ...]` (started by pool.KillablePool).
+"""The grader worker process: `main()` with argv `FD [MODULE[:FUNCTION] ...]` (started by pool.KillablePool).
 
-It imports the modules, says it is ready on the socket FD, then runs pickled `(function, args)` jobs one
-at a time until the socket closes. A plain subprocess, not multiprocessing's spawn, so the parent's
-`__main__` is never re-imported (a script without an `if __name__ == "__main__"` guard still works).
+It imports the modules (and calls the functions, to warm up), says it is ready on the socket FD, then
+runs pickled `(function, args)` jobs one at a time until the socket closes. A plain subprocess, not
+multiprocessing's spawn, so the parent's `__main__` is never re-imported (a script without an
+`if __name__ == "__main__"` guard still works).
 """
 
 from __future__ import annotations
@@ -16,9 +17,12 @@ READY = "ready"
 
 
 def serve(conn: Connection, preload: list[str]) -> None:
-    """Import `preload`, say ready, then answer jobs with (True, result) or (False, error text)."""
-    for module in preload:
-        importlib.import_module(module)
+    """Import `preload` (calling any `:function`), say ready, then answer jobs: (True, result) or (False, error)."""
+    for entry in preload:
+        module, _, function = entry.partition(":")
+        loaded = importlib.import_module(module)
+        if function:
+            getattr(loaded, function)()
     conn.send(READY)
     while True:
         try:
