@@ -7,6 +7,8 @@ import json
 import math
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -558,6 +560,15 @@ async def test_cheap_answers_from_asyncio_do_not_wait_behind_adversarial_ones_ho
     assert [result.reason for result in await asyncio.gather(*adversarial)] == ["timeout"] * pool.size
     assert latency["number"] < 0.1, latency
     assert latency["sympy"] < timeout_s / 2, latency
+
+
+@pytest.mark.timeout(300)
+def test_a_script_that_grades_once_and_exits_leaves_no_traceback_from_workers_still_starting() -> None:
+    script = "from mathtool.grading import grade; assert grade('\\\\boxed{2\\\\sqrt{2}}', '\\\\sqrt{8}').correct"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=240)
+    assert done.returncode == 0, done.stderr  # the output pipes close once the spares have exited too
+    assert "Traceback" not in done.stderr, done.stderr
 
 
 # --- the worker pool itself -------------------------------------------------------------------------

@@ -23,7 +23,8 @@ def serve(conn: Connection, preload: list[str]) -> None:
         loaded = importlib.import_module(module)
         if function:
             getattr(loaded, function)()
-    conn.send(READY)
+    if not _send(conn, READY):
+        return
     while True:
         try:
             fn, args = conn.recv()
@@ -33,7 +34,17 @@ def serve(conn: Connection, preload: list[str]) -> None:
             reply = (True, fn(*args))
         except Exception as exc:  # the job's failure goes back to the caller
             reply = (False, f"{type(exc).__name__}: {str(exc)[:500]}")
-        conn.send(reply)
+        if not _send(conn, reply):
+            return
+
+
+def _send(conn: Connection, message: object) -> bool:
+    """False if the parent is gone (it exited, or gave up on a start-up still warming up in the background)."""
+    try:
+        conn.send(message)
+    except OSError:
+        return False
+    return True
 
 
 def main() -> None:
