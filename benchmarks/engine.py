@@ -40,7 +40,8 @@ from typing import Any
 from openai import AsyncOpenAI
 from transformers import AutoTokenizer
 
-from mathtool.agent.loop import AgentConfig, render, turn_seed
+from mathtool.agent.chat_format import ChatFormat, chat_setup
+from mathtool.agent.loop import AgentConfig, turn_seed
 from mathtool.agent.parsers import MARKDOWN, OUTPUT_FENCE
 from mathtool.agent.prompts import initial_messages
 from mathtool.agent.trajectory import Trajectory
@@ -85,14 +86,14 @@ def make_jobs(problems: list[Problem], requests: int) -> list[Job]:
     return [(problem, sample) for sample in range(samples) for problem in problems][:requests]
 
 
-async def engine_pass(jobs: list[Job], llm: OpenAIBackend, sandbox: PythonSandbox, tokenizer: Any,
+async def engine_pass(jobs: list[Job], llm: OpenAIBackend, sandbox: PythonSandbox, chat: ChatFormat,
                       concurrency: int, max_tokens: int) -> Pass:
     config = AgentConfig(tool_format=MARKDOWN, max_turns=1, max_response_length=max_tokens,
                          context_length=llm.max_model_len,
-                         sampling=SamplingParams(TEMPERATURE, TOP_P, max_tokens, seed=SEED))
+                         sampling=SamplingParams(TEMPERATURE, TOP_P, max_tokens=max_tokens, seed=SEED), chat=chat)
     done: list[Trajectory] = []
     started = time.perf_counter()
-    await run_many(jobs, llm, sandbox, config, tokenizer, concurrency, lambda traj, _: done.append(traj))
+    await run_many(jobs, llm, sandbox, config, concurrency, lambda traj, _: done.append(traj))
     seconds = time.perf_counter() - started
     failed = [traj.error for traj in done if traj.error]
     if failed:
@@ -109,7 +110,7 @@ async def raw_pass(jobs: list[Job], prompts: dict[str, list[int]], client: Async
             response = await client.completions.create(
                 model=model, prompt=prompts[problem.id], max_tokens=max_tokens, temperature=TEMPERATURE,
                 top_p=TOP_P, seed=turn_seed(SEED, problem.id, sample, 0), logprobs=0, stop=[OUTPUT_FENCE],
-                extra_body={"return_token_ids": True, "include_stop_str_in_output": True})
+                extra_body={"return_token_ids": True, "include_stop_str_in_output": True, "top_k": 0, "min_p": 0.0})
         return list(getattr(response.choices[0], "token_ids", None) or [])
 
     started = time.perf_counter()
@@ -122,12 +123,13 @@ async def measure(url: str, args: argparse.Namespace) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(ensure_embedded_model())
     problems = load_problems(str(args.data / "aime2024.jsonl"))
     jobs = make_jobs(problems, args.requests)
-    prompts = {p.id: render(tokenizer, initial_messages(p, MARKDOWN), MARKDOWN) for p in problems}
+    chat = chat_setup(tokenizer, None, None, MARKDOWN)[1]
+    prompts = {p.id: chat.render(initial_messages(p, MARKDOWN)) for p in problems}
     client = AsyncOpenAI(base_url=url, api_key="x")
     async with await OpenAIBackend.connect([url]) as llm, PythonSandbox(workers=1) as sandbox:
         paths = {
             "raw": lambda jobs, n: raw_pass(jobs, prompts, client, llm.model, args.concurrency, n),
-            "engine": lambda jobs, n: engine_pass(jobs, llm, sandbox, tokenizer, args.concurrency, n),
+            "engine": lambda jobs, n: engine_pass(jobs, llm, sandbox, chat, args.concurrency, n),
         }
         # Warm the connection pools, the grader and vLLM's prefix cache with every prompt, so that no
         # timed pass pays for prefills that a later pass of the other path gets from the cache.

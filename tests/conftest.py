@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -29,9 +29,12 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def embedded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]:
-    """The embedded SmolLM2 model on vLLM's CPU build, on a free port; ~2-3 min to start on 2 cores
+    """The embedded SmolLM2 model on vLLM's CPU build, on a free port; ~1-2 min to start on 2 cores
     (plus ~45 s the first time, to convert the GGUF into the cache)."""
-    spec = embedded_spec(port=0)
+    # As the reference deployment runs it: Qwen3's chat template and Hermes tool parsing for the chat path,
+    # processed logprobs as for a server whose logprobs are trained on.
+    spec = replace(embedded_spec(port=0, chat_template="qwen3", logprobs_mode="processed_logprobs"),
+                   tool_call_parser="hermes")
     log_path = tmp_path_factory.mktemp("embedded-server") / "vllm.log"
     server = start_server(spec, log_path=log_path)
     try:

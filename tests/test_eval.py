@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from mathtool.agent.chat_format import chat_setup
 from mathtool.agent.loop import AgentConfig, run_agent
 from mathtool.agent.parsers import MARKDOWN
 from mathtool.data.problem import Problem
@@ -48,13 +49,14 @@ def tokenizer(embedded_server):
 @pytest.fixture(scope="module")
 def tool_trajectories(embedded_server, tokenizer) -> list:
     """Trajectories of the real model on a problem that asks for code; some of them call the tool."""
+    _, chat = chat_setup(tokenizer, None, None, MARKDOWN)
     config = AgentConfig(tool_format=MARKDOWN, max_turns=3, max_response_length=400, context_length=4096,
-                         sampling=SamplingParams(temperature=0.8, top_p=0.95))
+                         sampling=SamplingParams(temperature=0.8, top_p=0.95), chat=chat)
 
     async def run_all() -> list:
         async with OpenAIBackend([embedded_server.base_url], embedded_server.model, supports_token_ids=True) as llm:
             async with PythonSandbox(timeout_s=5) as sandbox:
-                runs = [run_agent(TOOL_PROBLEM, s, llm, sandbox, config, tokenizer) for s in range(24)]
+                runs = [run_agent(TOOL_PROBLEM, s, llm, sandbox, config) for s in range(24)]
                 return await asyncio.gather(*runs)
 
     return asyncio.run(run_all())

@@ -210,7 +210,7 @@ async def test_llamacpp_serves_the_embedded_gguf_and_the_agent_runs_on_the_chat_
     try:
         async with await OpenAIBackend.connect([server.base_url]) as backend, PythonSandbox() as sandbox:
             assert backend.model == EMBEDDED_MODEL_NAME and backend.supports_token_ids is False
-            runs = await asyncio.gather(*[run_agent(problem, s, backend, sandbox, config, None) for s in range(4)])
+            runs = await asyncio.gather(*[run_agent(problem, s, backend, sandbox, config) for s in range(4)])
     finally:
         server.stop()
     for run in runs:

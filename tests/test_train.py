@@ -104,7 +104,7 @@ def _config(model_dir: Path, **changes: Any) -> TrainConfig:
 
 def _rollout(tokenizer: Any, runtime: Any, backend: Any) -> AgentRollout:
     config = _config(Path("unused"))
-    return AgentRollout(PROBLEMS, runtime, tokenizer, agent_settings(config, tokenizer), lambda trainer: backend,
+    return AgentRollout(PROBLEMS, runtime, agent_settings(config, tokenizer), lambda trainer: backend,
                         reward_functions(1.0, 0.5, 0.0), MaskPolicy(), n_parallel=8)
 
 
@@ -197,7 +197,8 @@ def test_one_step_changes_the_weights_and_writes_metrics(tiny_model_dir: Path, t
     config = _config(tiny_model_dir, eval_every=1, eval_samples=1)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    trainer = build_trainer(config, model, tokenizer, PROBLEMS, PROBLEMS[:1], runtime, tmp_path)
+    trainer = build_trainer(config, model, agent_settings(config, tokenizer), PROBLEMS, PROBLEMS[:1], runtime,
+                            tmp_path)
     backend = ScriptedBackend(tokenizer)
     trainer.rollout_func.make_backend = lambda _trainer: backend
     trainer.train()
@@ -220,12 +221,12 @@ def test_resume_continues_from_the_checkpoint(tiny_model_dir: Path, tmp_path: Pa
     settings = _config(tiny_model_dir, max_response_length=8, max_turns=1).to_json()
     config_file.write_text(yaml.safe_dump({k: v for k, v in settings.items() if v != getattr(TrainConfig(), k)}))
     output = tmp_path / "run"
-    first = train(None, config_file, max_steps=1, output=output, resume=False)
+    first = train(None, config_file, {"max_steps": 1}, output=output, resume=False)
     assert first.name == "checkpoint-1"
     first_row = read_rows(output / METRICS_FILE)[0]
     with pytest.raises(ConfigError, match="--resume"):
-        train(None, config_file, max_steps=2, output=output, resume=False)
-    last = train(None, config_file, max_steps=2, output=output, resume=True)
+        train(None, config_file, {"max_steps": 2}, output=output, resume=False)
+    last = train(None, config_file, {"max_steps": 2}, output=output, resume=True)
     assert last.name == "checkpoint-2"
     assert json.loads((last / "trainer_state.json").read_text())["global_step"] == 2
     rows = read_rows(output / METRICS_FILE)
@@ -283,6 +284,7 @@ class OutputInventingBackend:
 
 
 def test_a_made_up_output_is_cut_and_the_tool_answers_instead(tokenizer: Any) -> None:
+    from mathtool.agent.chat_format import chat_setup
     from mathtool.agent.loop import AgentConfig, run_agent
     from mathtool.sandbox import PythonSandbox
 
@@ -290,7 +292,8 @@ def test_a_made_up_output_is_cut_and_the_tool_answers_instead(tokenizer: Any) ->
 
     async def one() -> Trajectory:
         async with PythonSandbox(timeout_s=5) as sandbox:
-            return await run_agent(PROBLEMS[1], 0, backend, sandbox, AgentConfig(max_turns=2), tokenizer)
+            chat = chat_setup(tokenizer, None, None, None)[1]
+            return await run_agent(PROBLEMS[1], 0, backend, sandbox, AgentConfig(max_turns=2, chat=chat))
 
     traj = asyncio.run(one())
     assert all(p.stop == ("```output",) for p in backend.params)  # the server may stop there itself

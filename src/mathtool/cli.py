@@ -106,7 +106,9 @@ def eval_command(
     max_response_length: Annotated[int | None, typer.Option(help="Model tokens per trajectory, all turns [16384; embedded 768].")] = None,
     max_prompt_length: Annotated[int | None, typer.Option(help="Tokens of the first prompt [2048].")] = None,
     max_turns: Annotated[int | None, typer.Option(help="Model turns per trajectory [5].")] = None,
-    tool_format: Annotated[str | None, typer.Option(help="hermes or markdown [from the chat template].")] = None,
+    tool_format: Annotated[str | None, typer.Option(help="hermes or markdown [hermes when the chat template renders tools].")] = None,
+    chat_template: Annotated[str | None, typer.Option(help="qwen3, qwen3-training (TRL's copies) or a Jinja file [the tokenizer's own].")] = None,
+    thinking: Annotated[bool | None, typer.Option("--thinking/--no-thinking", help="The chat template's enable_thinking [the template's default].")] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N problems.")] = None,
     output: Annotated[Path | None, typer.Option(help="Run directory [runs/<dataset>-<time>].")] = None,
     resume: Annotated[bool | None, typer.Option("--resume", help="Continue the run in --output: skip finished samples.")] = None,
@@ -145,7 +147,10 @@ def serve(
     max_model_len: Annotated[int | None, typer.Option(help="Context length [the model's; embedded 4096].")] = None,
     tensor_parallel_size: Annotated[int, typer.Option(help="GPUs per model replica.")] = 1,
     data_parallel_size: Annotated[int, typer.Option(help="Model replicas.")] = 1,
-    tool_call_parser: Annotated[str | None, typer.Option(help="vLLM/SGLang tool-call parser, e.g. hermes (only for clients that want server-side tool parsing).")] = None,
+    tool_call_parser: Annotated[str | None, typer.Option(help="vLLM/SGLang tool-call parser, e.g. hermes (for clients on the chat path that want server-side tool parsing).")] = None,
+    chat_template: Annotated[str | None, typer.Option(help="qwen3, qwen3-training (TRL's copies) or a Jinja file [the model's own].")] = None,
+    logprobs_mode: Annotated[str | None, typer.Option(help="vLLM --logprobs-mode; processed_logprobs where logprobs are trained on [vLLM's default].")] = None,
+    python: Annotated[str | None, typer.Option(help="Interpreter of the server's environment (SGLang needs its own) [this one].")] = None,
 ) -> None:
     """Start an OpenAI-compatible model server and keep it running until Ctrl-C."""
     from dataclasses import replace
@@ -155,12 +160,9 @@ def serve(
     base = embedded_spec(port=port, engine=engine) if model is None else ServerSpec(model=model)
     spec = replace(base, engine=engine, port=port, host=host, dtype=dtype or base.dtype,
                    max_model_len=max_model_len or base.max_model_len, tensor_parallel_size=tensor_parallel_size,
-                   data_parallel_size=data_parallel_size, tool_call_parser=tool_call_parser)
+                   data_parallel_size=data_parallel_size, tool_call_parser=tool_call_parser,
+                   chat_template=chat_template, vllm_logprobs_mode=logprobs_mode, python=python)
     serve_forever(spec)
-
-
-if __name__ == "__main__":
-    app()
 
 
 @app.command()
@@ -171,9 +173,17 @@ def train(
     max_steps: Annotated[int | None, typer.Option(help="Stop after this many GRPO steps.")] = None,
     output: Annotated[Path, typer.Option(help="Output directory: metrics.jsonl, reward curve, checkpoints.")] = Path("runs/train"),
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in --output.")] = False,
+    chat_template: Annotated[str | None, typer.Option(help="qwen3, qwen3-training (TRL's copies) or a Jinja file [the model's own].")] = None,
+    thinking: Annotated[bool | None, typer.Option("--thinking/--no-thinking", help="The chat template's enable_thinking [the template's default].")] = None,
 ) -> None:
     """Train the tool agent with GRPO (TRL), using the same agent loop as `eval`."""
     from mathtool.train import train as run_training
 
-    checkpoint = run_training(preset, config, max_steps, output, resume)
+    overrides = {k: v for k, v in {"max_steps": max_steps, "chat_template": chat_template, "thinking": thinking}.items()
+                 if v is not None}
+    checkpoint = run_training(preset, config, overrides, output, resume)
     console.print(f"done: last checkpoint {checkpoint}; metrics in {output / 'metrics.jsonl'}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,8 +1,11 @@
 """run_agent(): one trajectory. Prompt -> model -> tool calls -> sandbox -> ... -> \\boxed{} -> grade.
 
-Token-exact when the backend takes token-id prompts: the conversation is rendered with the model's own
-chat template on the client, the ids the server returned are kept, and each turn's rendered prompt is
-checked to extend the previous ids exactly. Otherwise the loop falls back to chat completions.
+Token-exact when the backend takes token-id prompts and a `ChatFormat` is given: the conversation is
+rendered with the chat template on the client, the ids the server returned are kept, and the tokens the
+environment adds after each model turn (template tokens, tool results, the next generation prompt) are
+found by rendering the conversation without and with them, so the model's own tokens are never
+re-tokenized. Otherwise the loop uses chat completions: the server renders, and parses tool calls when
+it is run with a tool-call parser (the text is parsed when it is not).
 """
 
 from __future__ import annotations
@@ -14,7 +17,17 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from mathtool.agent import trajectory as T
-from mathtool.agent.parsers import HERMES, MARKDOWN, OUTPUT_FENCE, ToolCall, parse_tool_calls, turn_end
+from mathtool.agent.chat_format import ChatFormat
+from mathtool.agent.parsers import (
+    HERMES,
+    MARKDOWN,
+    TOOL_OUTPUT_START,
+    ToolCall,
+    after_reasoning,
+    parse_server_tool_calls,
+    parse_tool_calls,
+    turn_end,
+)
 from mathtool.agent.prompts import initial_messages, tool_result_message
 from mathtool.agent.trajectory import Trajectory
 from mathtool.data.problem import Problem
@@ -34,19 +47,17 @@ class AgentConfig:
     max_prompt_length: int = 2048  # the first prompt
     context_length: int | None = None  # the server's; prompt + response must fit
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    chat: ChatFormat | None = None  # client-side rendering (the token-exact path); None: chat completions
+    thinking: bool | None = None  # the chat template's enable_thinking (None: its default)
+
+    def __post_init__(self) -> None:
+        if self.chat is not None and (self.chat.tool_format, self.chat.thinking) != (self.tool_format, self.thinking):
+            raise ValueError("AgentConfig: the ChatFormat was built for another tool format or thinking setting")
 
 
 def turn_seed(seed: int, problem_id: str, sample: int, turn: int) -> int:
     """A distinct, reproducible sampling seed for each (problem, sample, turn) of a seeded run."""
     return zlib.crc32(f"{seed}/{problem_id}/{sample}/{turn}".encode())
-
-
-def render(tokenizer: Any, messages: list[dict], tool_format: str, generation_prompt: bool = True) -> list[int]:
-    """The conversation as token ids, rendered with the tokenizer's own chat template."""
-    tools = [PYTHON_TOOL] if tool_format == HERMES else None
-    out = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=generation_prompt,
-                                        tokenize=True)
-    return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
 
 
 def _tokens_spelling(tokenizer: Any, ids: list[int], text: str) -> int | None:
@@ -114,14 +125,14 @@ class _TokenRecord:
 class _Run:
     """The state of one trajectory while it runs."""
 
-    def __init__(self, problem: Problem, sample: int, llm: LLMBackend, config: AgentConfig, tokenizer: Any):
-        self.problem, self.llm, self.config, self.tokenizer = problem, llm, config, tokenizer
+    def __init__(self, problem: Problem, sample: int, llm: LLMBackend, config: AgentConfig):
+        self.problem, self.llm, self.config = problem, llm, config
         self.traj = Trajectory(problem_id=problem.id, sample=sample, ground_truth=problem.answer)
         self.traj.messages = initial_messages(problem, config.tool_format)
         self.traj.timings = {"generation": 0.0, "tools": 0.0, "grading": 0.0}
         self.tokens: _TokenRecord | None = None
-        if llm.supports_token_ids and tokenizer is not None:
-            self.tokens = _TokenRecord(render(tokenizer, self.traj.messages, config.tool_format))
+        if llm.supports_token_ids and config.chat is not None:
+            self.tokens = _TokenRecord(config.chat.render(self.traj.messages))
 
     def budget(self) -> tuple[int, str]:
         """How many tokens the next turn may generate, and what runs out first."""
@@ -136,19 +147,28 @@ class _Run:
         seed = self.config.sampling.seed
         if seed is not None:
             seed = turn_seed(seed, self.problem.id, self.traj.sample, self.traj.num_turns)
-        stop = (OUTPUT_FENCE,) if self.config.tool_format == MARKDOWN else ()
+        stop = (TOOL_OUTPUT_START[self.config.tool_format],)
         params = replace(self.config.sampling, max_tokens=max_tokens, seed=seed, stop=stop)
         started = time.perf_counter()
         if self.tokens is not None:
             completion = self.end_turn(await self.llm.complete_tokens(self.tokens.full, params))
             self.tokens.add_model(completion)
         else:
-            completion = self.end_turn(await self.llm.complete_chat(self.traj.messages, params))
+            completion = self.end_turn(await self.llm.complete_chat(self.traj.messages, params, *self.chat_extras()))
         self.traj.timings["generation"] += time.perf_counter() - started
         self.traj.response_tokens += completion.num_tokens
         self.traj.num_turns += 1
-        self.traj.messages.append({"role": "assistant", "content": completion.text})
+        message: dict[str, Any] = {"role": "assistant", "content": completion.text}
+        if completion.tool_calls:
+            message["tool_calls"] = completion.tool_calls
+        self.traj.messages.append(message)
         return completion
+
+    def chat_extras(self) -> tuple[list[dict] | None, dict | None]:
+        """What the chat path sends beside the messages: the tool, and the template's thinking switch."""
+        tools = [PYTHON_TOOL] if self.config.tool_format == HERMES else None
+        thinking = None if self.config.thinking is None else {"enable_thinking": self.config.thinking}
+        return tools, thinking
 
     def end_turn(self, completion: Completion) -> Completion:
         """Cut a turn where the model began to write the tool's output itself (see `turn_end`): the text,
@@ -157,13 +177,19 @@ class _Run:
         if end == len(completion.text):
             return completion
         text = completion.text[:end]
-        if completion.token_ids is None:
+        if completion.token_ids is None or self.config.chat is None:
             return replace(completion, text=text, finish_reason="stop")
-        n = _tokens_spelling(self.tokenizer, completion.token_ids, text)
+        n = _tokens_spelling(self.config.chat.tokenizer, completion.token_ids, text)
         if n is None:
             return completion
         logprobs = completion.logprobs[:n] if completion.logprobs is not None else None
         return Completion(text, "stop", completion.token_ids[:n], logprobs)
+
+    def tool_calls(self, completion: Completion) -> list[ToolCall]:
+        """The turn's calls: those the server parsed (chat path), else those in the text after the reasoning."""
+        if completion.tool_calls:
+            return parse_server_tool_calls(completion.tool_calls, len(completion.text))
+        return parse_tool_calls(completion.text, self.config.tool_format)
 
     async def run_tools(self, calls: list[ToolCall], session: Any) -> None:
         started = time.perf_counter()
@@ -174,12 +200,12 @@ class _Run:
             else:
                 self.traj.num_tool_calls += 1
                 text = format_tool_result(await session.run(call.code))
-            self.traj.messages.append(tool_result_message(text, self.config.tool_format))
+            self.traj.messages.append(tool_result_message(text, self.config.tool_format, call.call_id))
         self.traj.timings["tools"] += time.perf_counter() - started
-        if self.tokens is not None:
-            fmt = self.config.tool_format
-            self.tokens.add_env(render(self.tokenizer, through_model, fmt, generation_prompt=False),
-                                render(self.tokenizer, self.traj.messages, fmt))
+        if self.tokens is not None and self.config.chat is not None:
+            chat = self.config.chat
+            self.tokens.add_env(chat.render(through_model, generation_prompt=False, record=True),
+                                chat.render(self.traj.messages, record=True))
 
     async def loop(self, session: Any) -> str:
         """Turns until the model answers, stops, or a limit is hit; returns the termination reason."""
@@ -192,9 +218,9 @@ class _Run:
             completion = await self.generate(max_tokens)
             if completion.finish_reason == "length":
                 return limit
-            calls = parse_tool_calls(completion.text, self.config.tool_format)
-            boxed_after_calls = extract_boxed(completion.text[calls[-1].end :] if calls else completion.text)
-            if boxed_after_calls is not None:
+            calls = self.tool_calls(completion)
+            rest = completion.text[calls[-1].end :] if calls else after_reasoning(completion.text)
+            if extract_boxed(rest) is not None:  # a final answer after the last call
                 return T.ANSWERED
             if not calls:
                 return T.STOPPED
@@ -218,16 +244,9 @@ class _Run:
         return traj
 
 
-async def run_agent(
-    problem: Problem,
-    sample: int,
-    llm: LLMBackend,
-    sandbox: Any,
-    config: AgentConfig,
-    tokenizer: Any = None,
-) -> Trajectory:
+async def run_agent(problem: Problem, sample: int, llm: LLMBackend, sandbox: Any, config: AgentConfig) -> Trajectory:
     """Run one trajectory to its end. Server and loop failures are recorded, never raised."""
-    run = _Run(problem, sample, llm, config, tokenizer)
+    run = _Run(problem, sample, llm, config)
     try:
         async with sandbox.session() as session:
             termination = await run.loop(session)

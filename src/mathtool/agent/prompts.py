@@ -23,8 +23,9 @@ def initial_messages(problem: Problem, tool_format: str) -> list[dict[str, str]]
     return [{"role": "system", "content": system}, {"role": "user", "content": problem.problem}]
 
 
-def tool_result_message(text: str, tool_format: str) -> dict[str, str]:
-    """How a tool's output goes back to the model: a `tool` message, or a user ```output block."""
+def tool_result_message(text: str, tool_format: str, call_id: str | None = None) -> dict[str, str]:
+    """How a tool's output goes back to the model: a `tool` message (answering the server's tool-call id
+    on the chat path), or a user ```output block."""
     if tool_format == HERMES:
-        return {"role": "tool", "content": text}
+        return {"role": "tool", "content": text} | ({"tool_call_id": call_id} if call_id else {})
     return {"role": "user", "content": f"```output\n{text}\n```"}

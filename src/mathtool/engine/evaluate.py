@@ -9,8 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from mathtool.agent.chat_format import chat_setup, load_tokenizer
 from mathtool.agent.loop import AgentConfig
-from mathtool.agent.parsers import HERMES, MARKDOWN
 from mathtool.data import load_problems
 from mathtool.engine.run_dir import RunDir
 from mathtool.engine.runner import evaluate
@@ -27,7 +27,8 @@ EMBEDDED_CONTEXT = 4096
 
 @contextlib.contextmanager
 def model_server(settings: EvalSettings) -> Iterator[tuple[list[str], str | None, str | None]]:
-    """The servers to use: the ones given, or the embedded model on vLLM's CPU build for the run.
+    """The servers to use: the ones given, or the embedded model on vLLM's CPU build for the run (with the
+    run's chat template, so that its chat path speaks the same format).
 
     Yields (base URLs, model name, tokenizer source).
     """
@@ -36,32 +37,11 @@ def model_server(settings: EvalSettings) -> Iterator[tuple[list[str], str | None
         return
     from mathtool.serve import embedded_spec, running_server
 
-    spec = embedded_spec(max_model_len=EMBEDDED_CONTEXT)
+    spec = embedded_spec(max_model_len=EMBEDDED_CONTEXT, chat_template=settings.chat_template)
     log.warning("no --base-url: starting the embedded %s on vLLM (CPU); this takes a few minutes",
                 spec.model_name)
     with running_server(spec) as url:
         yield [url], spec.model_name, settings.tokenizer or spec.model
-
-
-def load_tokenizer(source: str | None) -> Any:
-    """The model's tokenizer (for its chat template), or None: then the loop uses chat completions."""
-    if not source:
-        return None
-    try:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(source)
-    except Exception as e:  # missing package, offline Hub, unknown id: fall back, loudly
-        log.warning("cannot load the tokenizer of %s (%s); using chat completions, not token-exact", source, e)
-        return None
-
-
-def choose_tool_format(settings: EvalSettings, tokenizer: Any) -> str:
-    """Hermes when the chat template knows tools (Qwen3), else markdown code blocks."""
-    if settings.tool_format:
-        return settings.tool_format
-    template = getattr(tokenizer, "chat_template", None) or ""
-    return HERMES if "tools" in template and "tool_call" in template else MARKDOWN
 
 
 def default_output(settings: EvalSettings) -> Path:
@@ -76,9 +56,9 @@ async def run_eval(settings: EvalSettings) -> tuple[dict[str, Any], Path]:
     with model_server(settings) as (urls, model, tokenizer_source):
         async with await OpenAIBackend.connect(urls, model, request_timeout_s=settings.request_timeout_s) as llm:
             tokenizer = load_tokenizer(tokenizer_source) if llm.supports_token_ids else None
-            tool_format = choose_tool_format(settings, tokenizer)
+            tool_format, chat = chat_setup(tokenizer, settings.chat_template, settings.thinking, settings.tool_format)
             resolved = {**settings.to_json(), "model": llm.model, "base_url": urls, "tool_format": tool_format,
-                        "output": str(output), "token_exact": tokenizer is not None,
+                        "output": str(output), "token_exact": chat is not None,
                         "context_length": llm.max_model_len, "num_problems": len(problems)}
             run_dir = RunDir(output, resolved, resume=settings.resume)
             agent_config = AgentConfig(
@@ -88,10 +68,12 @@ async def run_eval(settings: EvalSettings) -> tuple[dict[str, Any], Path]:
                 max_prompt_length=settings.max_prompt_length,
                 context_length=llm.max_model_len,
                 sampling=SamplingParams(settings.temperature, settings.top_p, seed=settings.seed),
+                chat=chat,
+                thinking=settings.thinking,
             )
             try:
                 async with PythonSandbox(timeout_s=settings.tool_timeout_s) as sandbox:
-                    await evaluate(problems, settings.n_samples, run_dir, llm, sandbox, agent_config, tokenizer,
+                    await evaluate(problems, settings.n_samples, run_dir, llm, sandbox, agent_config,
                                    settings.n_parallel_agents)
             finally:
                 run_dir.close()

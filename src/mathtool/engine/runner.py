@@ -54,7 +54,6 @@ async def run_many(
     llm: LLMBackend,
     sandbox: Any,
     agent_config: AgentConfig,
-    tokenizer: Any,
     n_parallel: int,
     on_done: Callable[[Trajectory, _Stats], None],
     max_errors_in_a_row: int = 8,
@@ -75,7 +74,7 @@ async def run_many(
                 problem, sample = queue.get_nowait()
             except asyncio.QueueEmpty:
                 return
-            traj = await run_agent(problem, sample, llm, sandbox, agent_config, tokenizer)
+            traj = await run_agent(problem, sample, llm, sandbox, agent_config)
             stats.add(traj)
             on_done(traj, stats)
             if stats.errors_in_a_row >= max_errors_in_a_row:
@@ -99,7 +98,6 @@ async def evaluate(
     llm: LLMBackend,
     sandbox: Any,
     agent_config: AgentConfig,
-    tokenizer: Any,
     n_parallel: int,
 ) -> _Stats:
     """Run every (problem, sample) not yet in `run_dir`, appending each trajectory as it finishes."""
@@ -114,4 +112,4 @@ async def evaluate(
             run_dir.append(traj.to_json())
             progress.update(bar, advance=1, info=stats.line())
 
-        return await run_many(jobs, llm, sandbox, agent_config, tokenizer, n_parallel, on_done)
+        return await run_many(jobs, llm, sandbox, agent_config, n_parallel, on_done)

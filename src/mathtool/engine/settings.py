@@ -26,6 +26,8 @@ class EvalSettings:
     max_prompt_length: int = 2048
     max_turns: int = 5
     tool_format: str | None = None  # hermes or markdown; default: from the chat template
+    chat_template: str | None = None  # qwen3, qwen3-training or a Jinja file; default: the tokenizer's own
+    thinking: bool | None = None  # the template's enable_thinking; default: the template's default
     limit: int | None = None  # only the first N problems
     output: str | None = None  # run directory; default runs/<dataset>-<time>
     resume: bool = False

@@ -74,6 +74,7 @@ class OpenAIBackend:
         max_retries: int = 4,
         backoff_s: float = 0.5,
         api_key: str | None = None,
+        extra_body: dict[str, Any] | None = None,
     ) -> None:
         if not base_urls:
             raise ServerError("no model server URL given; pass --base-url or let the embedded server start")
@@ -83,6 +84,8 @@ class OpenAIBackend:
         self.max_model_len = max_model_len
         self.max_retries = max_retries
         self.backoff_s = backoff_s
+        self.server_kind = ""  # /v1/models' owned_by: vllm, sglang, ... (set by probe)
+        self.extra_body = dict(extra_body or {})  # server-specific fields added to every generation request
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(request_timeout_s, connect=PROBE_TIMEOUT_S),
@@ -148,6 +151,7 @@ class OpenAIBackend:
 
     def _check_model(self, root: str, served: list[dict[str, Any]]) -> None:
         names = [str(card.get("id")) for card in served]
+        self.server_kind = str(served[0].get("owned_by", "")) if served else ""
         if not self.model and names:
             self.model = names[0]
         if not self.model:
@@ -198,7 +202,7 @@ class OpenAIBackend:
             "prompt": prompt_ids,
             "logprobs": 0,
             "return_token_ids": True,
-            **_sampling(params, max_tokens),
+            **self._sampling(params, max_tokens),
         }
         if params.stop:  # keep the stop string, so that the text is what the token ids decode to
             payload["include_stop_str_in_output"] = True
@@ -217,15 +221,36 @@ class OpenAIBackend:
             logprobs=[float(value) for value in logprobs],
         )
 
-    async def complete_chat(self, messages: list[dict], params: SamplingParams) -> Completion:
-        payload = {"model": self.model, "messages": messages, **_sampling(params, params.max_tokens)}
+    async def complete_chat(self, messages: list[dict], params: SamplingParams, tools: list[dict] | None = None,
+                            template_kwargs: dict | None = None) -> Completion:
+        """Chat completions. With `tools`, a server run with a tool-call parser (vLLM `--enable-auto-tool-choice
+        --tool-call-parser hermes`) answers with `message.tool_calls`; others leave the calls in the text."""
+        payload = {"model": self.model, "messages": messages, **self._sampling(params, params.max_tokens)}
+        if tools:
+            payload["tools"] = tools
+        if template_kwargs:
+            payload["chat_template_kwargs"] = template_kwargs
         body = await self._post("/v1/chat/completions", payload)
         choice = body["choices"][0]
+        message = choice["message"]
         return Completion(
-            text=choice["message"].get("content") or "",
+            text=message.get("content") or "",
             finish_reason=_finish_reason(choice),
             usage_tokens=int((body.get("usage") or {}).get("completion_tokens") or 0),
+            tool_calls=message.get("tool_calls") or None,
         )
+
+    def _sampling(self, params: SamplingParams, max_tokens: int) -> dict[str, Any]:
+        """Every sampling field, so that none falls back to the model's generation_config on the server.
+        top_k 0 is "the whole vocabulary" for vLLM and llama.cpp; SGLang spells it -1."""
+        top_k = params.top_k if params.top_k > 0 else (-1 if self.server_kind == "sglang" else 0)
+        fields: dict[str, Any] = {"max_tokens": max_tokens, "temperature": params.temperature,
+                                  "top_p": params.top_p, "top_k": top_k, "min_p": params.min_p, **self.extra_body}
+        if params.seed is not None:
+            fields["seed"] = params.seed
+        if params.stop:
+            fields["stop"] = list(params.stop)
+        return fields
 
     # --- transport -------------------------------------------------------------------------------
 
@@ -283,13 +308,6 @@ class OpenAIBackend:
         raise ServerError(message)
 
 
-def _sampling(params: SamplingParams, max_tokens: int) -> dict[str, Any]:
-    fields: dict[str, Any] = {"max_tokens": max_tokens, "temperature": params.temperature, "top_p": params.top_p}
-    if params.seed is not None:
-        fields["seed"] = params.seed
-    if params.stop:
-        fields["stop"] = list(params.stop)
-    return fields
 
 
 _ABORTED = ("abort", "error")

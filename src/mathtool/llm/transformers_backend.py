@@ -4,8 +4,9 @@ Concurrent `complete_tokens` calls from many agent loops are gathered by a small
 left-padded `generate` call, run on a worker thread so the event loop stays free for tools and grading.
 
 Logprobs are those of the sampled tokens under the sampling temperature, `log_softmax(logits / T)`: the
-quantity TRL's GRPO computes for the policy when it forms its importance ratio (top-p is not folded in,
-as in TRL and in vLLM's `processed_logprobs`). As with vLLM, the EOS id that ends a turn is kept in
+quantity TRL's GRPO computes for the policy when it forms its importance ratio. Top-k, top-p and min-p
+are not folded in, as in TRL (vLLM's `processed_logprobs` do include them: train with top_p 1, top_k 0,
+min_p 0 for the two to agree). As with vLLM, the EOS id that ends a turn is kept in
 `token_ids` (finish_reason "stop") and left out of `text`; "length" means `max_tokens` ran out.
 `SamplingParams.seed` is not applied per request: batched requests share torch's generator.
 """
@@ -22,7 +23,12 @@ from typing import Any
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
-from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+from transformers.generation.logits_process import (
+    MinPLogitsWarper,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from mathtool.llm.base import Completion, SamplingParams
 
@@ -43,7 +49,7 @@ class DynamicBatcher:
     """Gathers concurrent requests into batches for a blocking batch function run on one worker thread.
 
     Requests that arrive while a batch is generating wait for the next one; a batch holds requests with
-    the same temperature and top-p, at most `max_batch_size` of them. Bound to the event loop that first
+    the same sampling settings, at most `max_batch_size` of them. Bound to the event loop that first
     uses it.
     """
 
@@ -95,8 +101,8 @@ class DynamicBatcher:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-def _sampling_key(params: SamplingParams) -> tuple[float, float]:
-    return params.temperature, params.top_p
+def _sampling_key(params: SamplingParams) -> tuple[float, float, int, float]:
+    return params.temperature, params.top_p, params.top_k, params.min_p
 
 
 class _LogprobRecorder(LogitsProcessor):
@@ -141,8 +147,10 @@ class BatchedBackend:
             return Completion(text="", finish_reason="length", token_ids=[], logprobs=[])
         return await self.batcher.submit(prompt_ids, params)
 
-    async def complete_chat(self, messages: list[dict], params: SamplingParams) -> Completion:
-        rendered = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    async def complete_chat(self, messages: list[dict], params: SamplingParams, tools: list[dict] | None = None,
+                            template_kwargs: dict | None = None) -> Completion:
+        rendered = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
+                                                      tokenize=True, **(template_kwargs or {}))
         ids = rendered["input_ids"] if hasattr(rendered, "keys") else rendered
         return await self.complete_tokens(list(ids), params)
 
@@ -161,7 +169,7 @@ class TransformersBackend(BatchedBackend):
         self.batcher = DynamicBatcher(self.generate_batch, max_batch_size)
 
     def generate_batch(self, requests: list[Request]) -> list[Completion]:
-        """One left-padded `generate` call for requests sharing temperature and top-p (blocking)."""
+        """One left-padded `generate` call for requests sharing their sampling settings (blocking)."""
         params = requests[0][1]
         max_new = max(p.max_tokens for _, p in requests)
         input_ids, attention = _left_pad([ids for ids, _ in requests], self.pad_id, self.hf_model.device)
@@ -181,7 +189,7 @@ class TransformersBackend(BatchedBackend):
         ]
 
     def _generation_config(self, params: SamplingParams, max_new: int) -> GenerationConfig:
-        # Temperature and top-p are applied by our own processors, after the logprob recorder.
+        # Temperature, top-k, top-p and min-p are applied by our own processors, after the logprob recorder.
         return GenerationConfig(
             max_new_tokens=max_new,
             do_sample=params.temperature > 0,
@@ -207,8 +215,12 @@ def _processors(recorder: _LogprobRecorder, params: SamplingParams) -> LogitsPro
     processors: list[LogitsProcessor] = [recorder]
     if params.temperature > 0 and params.temperature != 1.0:
         processors.append(TemperatureLogitsWarper(params.temperature))
+    if params.temperature > 0 and params.top_k > 0:
+        processors.append(TopKLogitsWarper(params.top_k))
     if params.temperature > 0 and params.top_p < 1.0:
         processors.append(TopPLogitsWarper(params.top_p))
+    if params.temperature > 0 and params.min_p > 0:
+        processors.append(MinPLogitsWarper(params.min_p))
     return LogitsProcessorList(processors)
 
 

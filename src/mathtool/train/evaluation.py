@@ -31,13 +31,12 @@ class Evaluator:
         problems: list[Problem],
         samples: int,
         runtime: AgentRuntime,
-        tokenizer: Any,
         agent_config: AgentConfig,
         n_parallel: int,
         output: Path,
     ) -> None:
         self.jobs = [(p, s) for p in problems for s in range(samples)]
-        self.samples, self.runtime, self.tokenizer = samples, runtime, tokenizer
+        self.samples, self.runtime = samples, runtime
         self.agent_config, self.n_parallel, self.output = agent_config, n_parallel, output
 
     def __call__(self, step: int, backend: LLMBackend, accelerator: Any) -> dict[str, Any]:
@@ -48,8 +47,7 @@ class Evaluator:
         def on_done(traj: Trajectory, _stats: Any) -> None:
             records.append(traj.to_json())
 
-        self.runtime.run(run_many(mine, backend, self.runtime.sandbox, self.agent_config, self.tokenizer,
-                                  self.n_parallel, on_done))
+        self.runtime.run(run_many(mine, backend, self.runtime.sandbox, self.agent_config, self.n_parallel, on_done))
         records = gather_rows(accelerator, records)
         metrics = compute_metrics(records, self.samples)
         if accelerator.is_main_process:

@@ -67,7 +67,8 @@ class VLLMColocateBackend(BatchedBackend):
         from vllm import SamplingParams as VLLMSamplingParams
 
         prompts = [{"prompt_token_ids": ids} for ids, _ in requests]
-        sampling = [VLLMSamplingParams(temperature=p.temperature, top_p=p.top_p, max_tokens=p.max_tokens,
+        sampling = [VLLMSamplingParams(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, min_p=p.min_p,
+                                       max_tokens=p.max_tokens, stop=list(p.stop), include_stop_str_in_output=True,
                                        logprobs=0, seed=p.seed) for _, p in requests]
         outputs = self.llm.generate(prompts, sampling_params=sampling, use_tqdm=False)
         return [_completion(output.outputs[0]) for output in outputs]

@@ -69,9 +69,9 @@ class TrainingMonitor(TrainerCallback):
     """Writes a metrics row per step, redraws the reward curve, runs the evaluator when due."""
 
     def __init__(self, output: Path, rollout: AgentRollout, evaluator: Evaluator | None, eval_every: int,
-                 accelerator: Any) -> None:
+                 trainer: Any) -> None:
         self.output, self.rollout, self.evaluator, self.eval_every = output, rollout, evaluator, eval_every
-        self.accelerator = accelerator
+        self.trainer = trainer
         self._step_started = time.perf_counter()
         self._step_wall = 0.0
         self._eval: dict[str, Any] = {}
@@ -84,7 +84,8 @@ class TrainingMonitor(TrainerCallback):
         step = state.global_step
         due = self.eval_every and step % self.eval_every == 0 or step >= state.max_steps
         if self.evaluator is not None and due and self.rollout.backend is not None:
-            metrics = self.evaluator(step, self.rollout.backend, self.accelerator)
+            sync_vllm_weights(self.trainer)  # evaluate the policy of this step, not the last one
+            metrics = self.evaluator(step, self.rollout.backend, self.trainer.accelerator)
             self._eval = {f"eval_{k}": v for k, v in metrics.items() if isinstance(v, int | float)}
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
@@ -101,6 +102,15 @@ class TrainingMonitor(TrainerCallback):
             append_row(self.output / METRICS_FILE, row)
             plot_reward_curve(read_rows(self.output / METRICS_FILE), self.output / CURVE_FILE)
             log.info("step %d: reward %.3f, %.0f s", row["step"], row["reward_mean"], row["time_step_s"])
+
+
+def sync_vllm_weights(trainer: Any) -> None:
+    """Push the policy's current weights into TRL's vLLM engine or server, as TRL does itself only before
+    the next rollout (on every process: the sync is collective)."""
+    step = trainer.state.global_step
+    if getattr(trainer, "use_vllm", False) and trainer._last_loaded_step != step:
+        trainer.vllm_generation.sync_weights()
+        trainer._last_loaded_step = step
 
 
 def append_row(path: Path, row: dict[str, Any]) -> None:

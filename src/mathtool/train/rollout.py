@@ -4,7 +4,7 @@ TRL 1.16 calls `rollout_func(prompts, trainer)` once per generation batch with t
 its sampler has already repeated each prompt `num_generations` times, next to each other, so one
 trajectory is run per entry, in order. The return value holds, per trajectory:
 
-- `prompt_ids`: the first prompt as rendered with the tokenizer's chat template;
+- `prompt_ids`: the first prompt as rendered with the chat template;
 - `completion_ids`: everything after it, model turns and tool outputs, exactly as the model saw them;
 - `logprobs`: the sampled tokens' logprobs under the rollout temperature (0.0 on non-model tokens);
 - `env_mask`: 1 on model-generated tokens, 0 on tool output and template tokens (TRL's loss mask);
@@ -124,7 +124,6 @@ class AgentRollout:
         self,
         problems: Sequence[Problem],
         runtime: AgentRuntime,
-        tokenizer: Any,
         agent_config: AgentConfig,
         make_backend: Callable[[Any], LLMBackend],
         rewards: tuple[list[RewardFn], list[float]],
@@ -132,11 +131,13 @@ class AgentRollout:
         n_parallel: int = 64,
     ) -> None:
         self.by_text = {p.problem: p for p in problems}
-        self.runtime, self.tokenizer, self.agent_config = runtime, tokenizer, agent_config
+        self.runtime, self.agent_config = runtime, agent_config
         self.make_backend, self.rewards, self.masks, self.n_parallel = make_backend, rewards, masks, n_parallel
         self.backend: LLMBackend | None = None
         self.stats: list[RolloutStats] = []
-        self.eos_id = tokenizer.eos_token_id
+        if agent_config.chat is None:
+            raise ConfigError("training needs the token-exact path: an AgentConfig with a ChatFormat")
+        self.eos_id = agent_config.chat.eos_token_id
 
     def __call__(self, prompts: list[str], trainer: Any) -> dict[str, list[Any]]:
         if self.backend is None:
@@ -170,8 +171,7 @@ class AgentRollout:
 
         async def one(problem: Problem, sample: int) -> Trajectory:
             async with limit:
-                return await run_agent(problem, sample, backend, self.runtime.sandbox, self.agent_config,
-                                       self.tokenizer)
+                return await run_agent(problem, sample, backend, self.runtime.sandbox, self.agent_config)
 
         return list(await asyncio.gather(*(one(p, s) for p, s in jobs)))
 

@@ -13,8 +13,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from mathtool.agent.chat_format import chat_setup, read_chat_template
 from mathtool.agent.loop import AgentConfig
-from mathtool.agent.parsers import HERMES, MARKDOWN
 from mathtool.data.problem import Problem
 from mathtool.errors import ConfigError, DatasetError
 from mathtool.llm.base import SamplingParams
@@ -39,24 +39,27 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "train_config.json"
 
 
-def train(preset: str | None, config_path: Path | None, max_steps: int | None, output: Path, resume: bool) -> Path:
-    """Train with GRPO until `max_steps`; returns the last checkpoint's folder.
+def train(preset: str | None, config_path: Path | None, overrides: dict[str, Any] | None, output: Path,
+          resume: bool) -> Path:
+    """Train with GRPO until `max_steps`; returns the last checkpoint's folder. `overrides` are settings
+    given as flags (max_steps, chat_template, thinking); they win over the preset and the config file.
 
     Raises ConfigError (unknown preset, bad config, model not found, an output directory that already
     holds checkpoints without `resume`) and DatasetError (missing or empty dataset).
     """
-    config = resolve(preset, config_path, max_steps)
+    config = resolve(preset, config_path, overrides)
     output = Path(output).expanduser()
     checkpoint = resume_checkpoint(output, resume)
     model, tokenizer = load_policy(config)
-    problems = training_problems(config)
+    agent_config = agent_settings(config, tokenizer)
+    problems = training_problems(config, agent_config.tool_format)
     eval_problems = evaluation_problems(config)
     if _is_main_process():
         output.mkdir(parents=True, exist_ok=True)
         (output / CONFIG_FILE).write_text(json.dumps(config.to_json(), indent=2))
         keep_rows_until(output / METRICS_FILE, _checkpoint_step(checkpoint))
     with AgentRuntime(config.tool_timeout_s, config.tool_memory_mb, config.tool_isolation) as runtime:
-        trainer = build_trainer(config, model, tokenizer, problems, eval_problems, runtime, output)
+        trainer = build_trainer(config, model, agent_config, problems, eval_problems, runtime, output)
         try:
             trainer.train(resume_from_checkpoint=checkpoint)
         finally:
@@ -72,7 +75,7 @@ def train(preset: str | None, config_path: Path | None, max_steps: int | None, o
 def build_trainer(
     config: TrainConfig,
     model: Any,
-    tokenizer: Any,
+    agent_config: AgentConfig,
     problems: list[Problem],
     eval_problems: list[Problem],
     runtime: AgentRuntime,
@@ -82,9 +85,9 @@ def build_trainer(
     from datasets import Dataset
     from trl import GRPOTrainer
 
-    agent_config = agent_settings(config, tokenizer)
+    tokenizer = agent_config.chat.tokenizer  # training always renders on the client (agent_settings)
     functions, weights = reward_functions(config.reward_correct, config.reward_format, config.reward_tool)
-    rollout = AgentRollout(problems, runtime, tokenizer, agent_config, backend_factory(config, tokenizer, runtime),
+    rollout = AgentRollout(problems, runtime, agent_config, backend_factory(config, tokenizer, runtime),
                            (functions, weights), MaskPolicy(config.mask_truncated, config.mask_inexact),
                            config.n_parallel_agents)
     with warnings.catch_warnings():  # rollout_func is marked experimental in TRL 1.16
@@ -99,9 +102,9 @@ def build_trainer(
         )
     evaluator = None
     if eval_problems:
-        evaluator = Evaluator(eval_problems, config.eval_samples, runtime, tokenizer, agent_config,
-                              config.n_parallel_agents, output)
-    trainer.add_callback(TrainingMonitor(output, rollout, evaluator, config.eval_every, trainer.accelerator))
+        evaluator = Evaluator(eval_problems, config.eval_samples, runtime, agent_config, config.n_parallel_agents,
+                              output)
+    trainer.add_callback(TrainingMonitor(output, rollout, evaluator, config.eval_every, trainer))
     return trainer
 
 
@@ -157,16 +160,19 @@ def accumulation_steps(config: TrainConfig) -> int:
 
 
 def agent_settings(config: TrainConfig, tokenizer: Any) -> AgentConfig:
-    template = str(getattr(tokenizer, "chat_template", "") or "")
-    tool_format = config.tool_format or (HERMES if "tools" in template else MARKDOWN)
+    """The agent as evaluation builds it (`chat_setup`): the same tool-format rule, rendered on the client.
+    The sampling fields are all explicit: TRL's logprobs are over the whole vocabulary (top_k 0, min_p 0)."""
+    tool_format, chat = chat_setup(tokenizer, None, config.thinking, config.tool_format)
     return AgentConfig(
         tool_format=tool_format,
         max_turns=config.max_turns,
         max_response_length=config.max_response_length,
         max_prompt_length=config.max_prompt_length,
         context_length=config.context_length,
-        sampling=SamplingParams(temperature=config.temperature, top_p=config.top_p,
+        sampling=SamplingParams(temperature=config.temperature, top_p=config.top_p, top_k=0, min_p=0.0,
                                 max_tokens=config.max_response_length),
+        chat=chat,
+        thinking=config.thinking,
     )
 
 
@@ -182,8 +188,10 @@ def load_policy(config: TrainConfig) -> tuple[Any, Any]:
     except (OSError, ValueError) as e:  # missing folder, unknown or unreachable Hub id, malformed name
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"cannot load model {config.model!r}: {first_line}") from None
+    if config.chat_template:  # the checkpoints carry it, so that `mathtool serve --model CKPT` speaks it too
+        tokenizer.chat_template = read_chat_template(config.chat_template)
     if not getattr(tokenizer, "chat_template", None):
-        raise ConfigError(f"model {config.model!r} has no chat template; the agent renders prompts with it")
+        raise ConfigError(f"model {config.model!r} has no chat template; pass --chat-template NAME|FILE")
     # A model dequantised from GGUF keeps a quantizer marker that makes training and save_pretrained refuse.
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer = None
@@ -203,9 +211,9 @@ def _model_source(name: str) -> Path | str:
     return path if path.is_dir() else name
 
 
-def training_problems(config: TrainConfig) -> list[Problem]:
+def training_problems(config: TrainConfig, tool_format: str) -> list[Problem]:
     if config.dataset == ARITHMETIC:
-        problems = arithmetic_problems(config.curriculum_size, config.seed)
+        problems = arithmetic_problems(config.curriculum_size, config.seed, tool_format)
     else:
         from mathtool.data import load_problems
 
