@@ -306,3 +306,23 @@ def test_a_made_up_output_is_cut_and_the_tool_answers_instead(tokenizer: Any) ->
     kept = [i for i, m in zip(traj.completion_ids, traj.completion_mask, strict=True) if m == 1]
     assert tokenizer.decode(kept, skip_special_tokens=True) == "".join(assistant)
     assert len(kept) == traj.response_tokens == len(traj.logprobs) - traj.completion_mask.count(0)
+
+
+def test_evaluation_in_a_vllm_mode_first_syncs_this_steps_weights() -> None:
+    """TRL pushes new weights into its vLLM engine only before the next rollout; an evaluation at the end of
+    a step must push them itself, or it measures the previous step's policy."""
+    from types import SimpleNamespace
+
+    from mathtool.train.monitor import TrainingMonitor
+
+    events: list[str] = []
+    engine = SimpleNamespace(sync_weights=lambda: events.append("sync"))
+    trainer = SimpleNamespace(use_vllm=True, _last_loaded_step=4, vllm_generation=engine, accelerator=None,
+                              state=SimpleNamespace(global_step=5))
+    rollout = SimpleNamespace(backend="vllm")
+    evaluator = lambda step, backend, accelerator: events.append(f"eval {step}") or {}  # noqa: E731
+    monitor = TrainingMonitor(Path("unused"), rollout, evaluator, eval_every=5, trainer=trainer)
+    monitor.on_step_end(None, SimpleNamespace(global_step=5, max_steps=10), None)
+    assert events == ["sync", "eval 5"] and trainer._last_loaded_step == 5
+    monitor.on_step_end(None, SimpleNamespace(global_step=5, max_steps=10), None)  # already in sync: no push
+    assert events == ["sync", "eval 5", "eval 5"]

@@ -18,15 +18,18 @@ from mathtool.errors import ConfigError
 
 _OPERATIONS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 _SMALL, _LARGE = (2, 12), (10, 60)  # operand ranges: products of small numbers, sums of larger ones
-EXAMPLES = {  # the worked example, in the tool-call format the agent uses
+_CALL = '<tool_call>\n{{"name": "python", "arguments": {{"code": "print(7 * 8)"}}}}\n</tool_call>'  # for format()
+PROMPTS = {  # the question, with a worked example in the tool-call format the agent uses
     MARKDOWN: (
         "Example. Question: compute 7 * 8.\nFirst reply:\n```python\nprint(7 * 8)\n```\n"
-        "Tool output:\n```output\n56\n```\nSecond reply:\nThe answer is \\boxed{56}.\n\n"
+        "Tool output:\n```output\n56\n```\nSecond reply:\nThe answer is \\boxed{{56}}.\n\n"
+        "Question: compute {expression}."
     ),
+    # SmolLM2 writes a well-formed call about 4 times in 64 with this wording, none with the markdown one's
     HERMES: (
-        'Example. Question: compute 7 * 8.\nFirst reply:\n<tool_call>\n{"name": "python", "arguments": '
-        '{"code": "print(7 * 8)"}}\n</tool_call>\nTool output:\n<tool_response>\n56\n</tool_response>\n'
-        "Second reply:\nThe answer is \\boxed{56}.\n\n"
+        "Question: compute {expression}.\nFirst call the python tool: reply with only a <tool_call> whose "
+        "code prints the result, like this one for 7 * 8:\n" + _CALL + "\nAfter the tool's response, give the "
+        "answer as \\boxed{{answer}}."
     ),
 }
 MAX_PROBLEMS = 2 * (_LARGE[1] - _LARGE[0] + 1) ** 2 + (_SMALL[1] - _SMALL[0] + 1) ** 2
@@ -42,7 +45,7 @@ def arithmetic_problems(count: int, seed: int = 0, tool_format: str = MARKDOWN) 
         op = rng.choice(list(_OPERATIONS))
         low, high = _SMALL if op == "*" else _LARGE
         a, b = rng.randint(low, high), rng.randint(low, high)
-        text = EXAMPLES[tool_format] + f"Question: compute {a} {op} {b}."
+        text = PROMPTS[tool_format].format(expression=f"{a} {op} {b}")
         if text not in problems:
             answer = str(_OPERATIONS[op](a, b))
             problems[text] = Problem(f"arith-{len(problems):05d}", text, answer, source="arithmetic")
