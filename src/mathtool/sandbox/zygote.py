@@ -5,7 +5,7 @@ asks the host to write its uid/gid maps, forks once so that it becomes PID 1 of 
 (when it dies, every worker dies), pivots into the read-only root, imports numpy and sympy, and then
 forks workers ahead of need. Each worker is PID 1 of a PID namespace of its own, so its descendants die
 with it. The zygote hands each worker's socket, stdout/stderr memfds and pidfd to the host and keeps
-nothing: the host talks to workers directly.
+nothing but the duty to reap it: the host talks to workers directly, and kills each when its caller is done.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import gc
 import importlib
 import os
 import select
+import shutil
 import signal
 import socket
 import sys
@@ -95,6 +96,7 @@ class Zygote:
         self.config = config
         self.control = control
         self.sandbox_uid, self.pid_namespace = isolated if isolated else (None, -1)
+        self.scratch_dirs: dict[int, str] = {}  # without isolation: each worker's own, removed when it ends
         for name in PRELOAD:
             importlib.import_module(name)
         exec(WARM_UP, {})
@@ -132,9 +134,11 @@ class Zygote:
             linux.unshare(linux.CLONE_NEWPID)
         pid = os.fork()
         if pid == 0:
-            self.control.detach()
+            os.close(self.control.detach())  # at once: the host hears of the zygote's death when its copy closes
             host_end.detach()
             worker.main([worker_end.detach(), stdout, stderr], self.config, self.sandbox_uid, scratch)
+        if not self.config.isolation:
+            self.scratch_dirs[pid] = scratch
         if self.pid_namespace >= 0:
             linux.setns(self.pid_namespace, linux.CLONE_NEWPID)
         pidfd = os.pidfd_open(pid)
@@ -144,12 +148,25 @@ class Zygote:
         host_end.close()
         worker_end.close()
 
-    @staticmethod
-    def _reap() -> None:
+    def _reap(self) -> None:
         while True:
             try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
+                ended = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
             except ChildProcessError:
                 return
-            if pid == 0:
+            if ended is None:
                 return
+            self._clean_up_after(ended.si_pid)
+            os.waitpid(ended.si_pid, 0)
+
+    def _clean_up_after(self, pid: int) -> None:
+        """Without isolation: kill what the worker started (best effort: its process group) and remove its
+        scratch directory; before the reap, so that its PID, the group's id, cannot be reused meanwhile."""
+        scratch = self.scratch_dirs.pop(pid, None)
+        if scratch is None:
+            return
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        shutil.rmtree(scratch, ignore_errors=True)
