@@ -84,9 +84,7 @@ class WorkerPool:
         for worker in self.spares:
             worker.close()
         self.spares.clear()
-        for future in self.waiters:
-            if not future.done():
-                future.set_exception(RuntimeError("the sandbox was closed"))
+        self._fail_waiters(RuntimeError("the sandbox was closed"))
         if self.zygote is not None:
             self.zygote.close()
             self.zygote = None
@@ -109,7 +107,9 @@ class WorkerPool:
 
     def _give_back(self, future: asyncio.Future[WorkerHandle]) -> None:
         """A waiter gave up (timeout, cancellation): a worker handed to it meanwhile goes back."""
-        if future.done() and not future.cancelled() and future.exception() is None:
+        if future in self.waiters:
+            self.waiters.remove(future)
+        elif not future.cancelled() and future.exception() is None:
             self.in_use -= 1
             self._offer(future.result())
 
@@ -120,7 +120,7 @@ class WorkerPool:
             return
         while self.waiters:
             future = self.waiters.popleft()
-            if not future.done():
+            if not future.done():  # else cancelled, its caller not yet told
                 self.in_use += 1
                 future.set_result(worker)
                 return
@@ -129,14 +129,11 @@ class WorkerPool:
     def _replenish(self) -> None:
         if self.closed:
             return
-        while self.waiters and self.waiters[0].done():
-            self.waiters.popleft()
         if self.zygote is None:
             if self.starting is None and (self.waiters or self.ever_ready):
                 self.starting = asyncio.get_running_loop().create_task(self._restart_zygote())
             return
-        waiting = sum(not future.done() for future in self.waiters)
-        wanted = max(self.min_spares, self.in_use) + waiting - len(self.spares) - self.pending
+        wanted = max(self.min_spares, self.in_use) + len(self.waiters) - len(self.spares) - self.pending
         alive = self.in_use + len(self.spares) + self.pending
         wanted = min(wanted, MAX_PENDING_SPAWNS - self.pending, self.max_workers - alive)
         if wanted > 0:

@@ -23,7 +23,6 @@ import io
 import json
 import linecache
 import os
-import random
 import resource
 import signal
 import socket
@@ -42,6 +41,7 @@ STDOUT_SPARE, STDERR_SPARE, CONTROL = 4, 5, 3
 BUILTINS = vars(builtins)
 # The worker's own references to the builtins it calls while a cell's builtins are in place.
 EXEC, EVAL, PRINT, REPR = exec, eval, print, repr
+WARM_UP_CELL = "__import__('math').factorial(3)"  # binds no name in the session's namespace
 
 
 def main(fds: list[int], config: ZygoteConfig, sandbox_uid: int | None, scratch: str) -> NoReturn:
@@ -118,9 +118,11 @@ def _text_stream(fd: int) -> io.TextIOWrapper:
 
 def warm_up() -> None:
     """Run the code paths of a call once in the zygote, so that workers inherit them already loaded."""
+    stdout, sys.stdout = sys.stdout, io.StringIO()
     for source in ("x = 1\nx", "1/0", "("):
         run_cell(source, {"__name__": "__main__"}, io.StringIO(), CellBuiltins())
-    json.loads(json.dumps({"ok": True}))
+    sys.stdout = stdout
+    json.loads(protocol.encode_frame({"code": "x", "ok": True, "error": None})[protocol.HEADER.size :])
 
 
 class CellBuiltins:
@@ -158,8 +160,9 @@ class Worker:
         sys.modules["__main__"] = main_module
         self.namespace = vars(main_module)
         os.chdir(scratch)
-        _reseed()
+        _reseed_numpy()
         self.arm()
+        self.warm_up()
 
     def serve(self) -> None:
         self.send({"ready": True})
@@ -173,6 +176,14 @@ class Worker:
         if self.isolated:
             _kill_descendants()
         return {"ok": ok, "error": error}
+
+    def warm_up(self) -> None:
+        """Go through a call once before saying it is ready: the first real call then writes few pages for
+        the first time (each such write copies a page of the zygote's)."""
+        json.loads(protocol.encode_frame(self.handle(WARM_UP_CELL))[protocol.HEADER.size :])
+        for fd in (STDOUT_SPARE, STDERR_SPARE):
+            os.ftruncate(fd, 0)
+        self.arm()
 
     def arm(self) -> None:
         """Before the next request, off the caller's clock: its CPU limit and output streams."""
@@ -301,13 +312,9 @@ def _kill_descendants() -> None:
             return
 
 
-def _reseed() -> None:
-    """Forked workers inherit the zygote's random state; each starts from fresh entropy.
-
-    Seeds from a few bytes of os.urandom: ten times cheaper than the libraries' own seeding from entropy.
-    """
-    entropy = os.urandom(20)
-    random.seed(int.from_bytes(entropy[:16], "little"))
+def _reseed_numpy() -> None:
+    """Forked workers inherit the zygote's random state: `random` reseeds itself after a fork, numpy's
+    global generator does not. Seeded from a few bytes of os.urandom, ten times cheaper than numpy's own."""
     numpy = sys.modules.get("numpy")
     if numpy is not None:
-        numpy.random.seed(int.from_bytes(entropy[16:], "little"))
+        numpy.random.seed(int.from_bytes(os.urandom(4), "little"))

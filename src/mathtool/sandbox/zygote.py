@@ -19,7 +19,7 @@ import signal
 import socket
 import sys
 import tempfile
-from typing import NoReturn
+from typing import NamedTuple, NoReturn
 
 from mathtool.sandbox import linux, protocol, rootfs, worker
 from mathtool.sandbox.protocol import ZygoteConfig
@@ -65,8 +65,14 @@ def _fail(control: socket.socket, reason: str) -> NoReturn:
     os._exit(1)
 
 
-def _isolate(config: ZygoteConfig, control: socket.socket) -> tuple[int | None, int]:
-    """Enter the namespaces and the new root; return (the sandbox uid if mapped, an fd of our PID namespace)."""
+class Isolation(NamedTuple):
+    sandbox_uid: int | None  # what workers run as, if the host could map it
+    pid_namespace: int  # an fd of the zygote's PID namespace, to return to after forking each worker
+    maps: int  # an fd of the zygote's /proc/self/maps, which the new root lacks
+
+
+def _isolate(config: ZygoteConfig, control: socket.socket) -> Isolation:
+    """Enter the namespaces and the new root."""
     linux.unshare(NAMESPACES)
     control.send(protocol.NEED_ID_MAPS)
     control.settimeout(30)
@@ -80,8 +86,9 @@ def _isolate(config: ZygoteConfig, control: socket.socket) -> tuple[int | None, 
         _wait_and_exit(child, control)
     linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
     pid_namespace = os.open("/proc/self/ns/pid", os.O_RDONLY)
+    maps = os.open("/proc/self/maps", os.O_RDONLY)
     rootfs.build_root(config.read_only_paths)
-    return sandbox_uid, pid_namespace
+    return Isolation(sandbox_uid, pid_namespace, maps)
 
 
 def _wait_and_exit(child: int, control: socket.socket) -> NoReturn:
@@ -92,17 +99,22 @@ def _wait_and_exit(child: int, control: socket.socket) -> NoReturn:
 
 
 class Zygote:
-    def __init__(self, config: ZygoteConfig, control: socket.socket, isolated: tuple[int | None, int] | None):
+    def __init__(self, config: ZygoteConfig, control: socket.socket, isolated: Isolation | None):
         self.config = config
         self.control = control
-        self.sandbox_uid, self.pid_namespace = isolated if isolated else (None, -1)
+        self.sandbox_uid, self.pid_namespace = (
+            (isolated.sandbox_uid, isolated.pid_namespace) if isolated else (None, -1)
+        )
         self.scratch_dirs: dict[int, str] = {}  # without isolation: each worker's own, removed when it ends
+        maps = isolated.maps if isolated else os.open("/proc/self/maps", os.O_RDONLY)
         for name in PRELOAD:
             importlib.import_module(name)
         exec(WARM_UP, {})
         worker.warm_up()
         gc.collect()
         gc.freeze()  # the heap stays shared with workers instead of being copied by the collector
+        with open(maps, closefd=True) as listing:
+            linux.collapse_into_huge_pages(listing.read())
 
     def serve(self) -> NoReturn:
         self.control.send(protocol.ZYGOTE_READY)
