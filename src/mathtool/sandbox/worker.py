@@ -8,16 +8,15 @@ copies of 1 and 2.
 
 A worker serves one caller (a session, or one `run()`) and is killed when its caller is done, so nothing
 a cell does reaches another caller. A cell runs like a notebook cell: module-level code in the session's
-`__main__` namespace, and the value of a final bare expression is printed. The cells' builtins are kept
-apart from the worker's own: a cell that replaces `len` or `print` changes them for its later cells, not
-for the code that reports its result.
+`__main__` namespace, and the value of a final bare expression is printed. The cells' builtins are a
+copy of the worker's own: a cell that replaces `len` or `print` changes them for its later cells, not for
+the code that reports its result.
 """
 
 from __future__ import annotations
 
 import ast
 import builtins
-import faulthandler
 import fcntl
 import io
 import json
@@ -38,10 +37,18 @@ from mathtool.sandbox.protocol import Limits, ZygoteConfig
 CELL = "<cell>"
 MIB = 1024 * 1024
 STDOUT_SPARE, STDERR_SPARE, CONTROL = 4, 5, 3
-BUILTINS = vars(builtins)
-# The worker's own references to the builtins it calls while a cell's builtins are in place.
-EXEC, EVAL, PRINT, REPR = exec, eval, print, repr
 WARM_UP_CELL = "__import__('math').factorial(3)"  # binds no name in the session's namespace
+
+
+def _builtins_for_cells() -> types.ModuleType:
+    """A copy of the builtins module (made once, in the zygote) for the cells: a cell that replaces `len` or
+    `print` changes them for its later cells, not for the worker's own code, which reports the result."""
+    module = types.ModuleType("builtins", builtins.__doc__)
+    vars(module).update(vars(builtins))
+    return module
+
+
+CELL_BUILTINS = _builtins_for_cells()
 
 
 def main(fds: list[int], config: ZygoteConfig, sandbox_uid: int | None, scratch: str) -> NoReturn:
@@ -76,8 +83,6 @@ def _arrange_fds(fds: list[int]) -> None:
     os.dup2(1, STDOUT_SPARE, inheritable=False)
     os.dup2(2, STDERR_SPARE, inheritable=False)
     os.closerange(STDERR_SPARE + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
-    sys.stdout, sys.stderr = _text_stream(1), _text_stream(2)
-    faulthandler.enable(file=sys.stderr)
 
 
 def _confine(limits: Limits, sandbox_uid: int | None) -> None:
@@ -120,32 +125,9 @@ def warm_up() -> None:
     """Run the code paths of a call once in the zygote, so that workers inherit them already loaded."""
     stdout, sys.stdout = sys.stdout, io.StringIO()
     for source in ("x = 1\nx", "1/0", "("):
-        run_cell(source, {"__name__": "__main__"}, io.StringIO(), CellBuiltins())
+        run_cell(source, {"__name__": "__main__"}, io.StringIO())
     sys.stdout = stdout
     json.loads(protocol.encode_frame({"code": "x", "ok": True, "error": None})[protocol.HEADER.size :])
-
-
-class CellBuiltins:
-    """The builtins the cells see, swapped with the worker's own around each cell."""
-
-    def __init__(self) -> None:
-        self.worker = BUILTINS.copy()
-        self.cells = BUILTINS.copy()
-
-    def enter(self) -> None:
-        _replace(BUILTINS, self.cells)
-
-    def leave(self) -> None:
-        """Keep what the cell made of the builtins for the next cell; put the worker's back."""
-        self.cells = BUILTINS.copy()
-        _replace(BUILTINS, self.worker)
-
-
-def _replace(target: dict[str, Any], source: dict[str, Any]) -> None:
-    """Make `target` equal to `source` in place, with no moment at which a name both hold is missing."""
-    for name in [name for name in target if name not in source]:
-        del target[name]
-    target.update(source)
 
 
 class Worker:
@@ -154,10 +136,10 @@ class Worker:
         self.isolated = config.isolation
         self.control = socket.socket(fileno=CONTROL)
         self.buffer = bytearray()
-        self.builtins = CellBuiltins()
         main_module = types.ModuleType("__main__")
-        main_module.__builtins__ = builtins  # type: ignore[attr-defined]
+        main_module.__builtins__ = CELL_BUILTINS  # type: ignore[attr-defined]
         sys.modules["__main__"] = main_module
+        sys.modules["builtins"] = CELL_BUILTINS  # what `import builtins` gives the cells
         self.namespace = vars(main_module)
         os.chdir(scratch)
         _reseed_numpy()
@@ -171,7 +153,7 @@ class Worker:
             self.arm()
 
     def handle(self, code: str) -> dict[str, Any]:
-        ok, error = run_cell(code, self.namespace, self.streams[1], self.builtins)
+        ok, error = run_cell(code, self.namespace, self.streams[1])
         _close_streams(self.streams)
         if self.isolated:
             _kill_descendants()
@@ -204,21 +186,23 @@ class Worker:
     def receive(self) -> dict[str, Any] | None:
         """The next request (usually a single recv), or None when the host closed the socket."""
         while (body := protocol.take_frame(self.buffer, protocol.MAX_REQUEST_BYTES)) is None:
-            chunk = self.control.recv(1 << 20)
+            chunk = self.control.recv(65536)
             if not chunk:
                 return None
             self.buffer += chunk
         return json.loads(body)
 
 
-def run_cell(
-    source: str, namespace: dict[str, Any], stderr: io.TextIOBase, cell_builtins: CellBuiltins
-) -> tuple[bool, str | None]:
+def run_cell(source: str, namespace: dict[str, Any], stderr: io.TextIOBase) -> tuple[bool, str | None]:
     """Run `source` in `namespace`; return (ok, the error's last line). Tracebacks go to `stderr`."""
     linecache.cache[CELL] = (len(source), None, source.splitlines(True), CELL)
     try:
         body, last = _compile(source)
-        _execute(body, last, namespace, cell_builtins)
+        exec(body, namespace)
+        if last is not None:
+            value = eval(last, namespace)
+            if value is not None:
+                print(repr(value))
         return True, None
     except SystemExit as exc:
         if exc.code is None or exc.code == 0:
@@ -236,21 +220,6 @@ def _compile(source: str) -> tuple[types.CodeType, types.CodeType | None]:
     if tree.body and isinstance(tree.body[-1], ast.Expr):
         last = compile(ast.Expression(tree.body.pop().value), CELL, "eval")
     return compile(tree, CELL, "exec"), last
-
-
-def _execute(
-    body: types.CodeType, last: types.CodeType | None, namespace: dict[str, Any], cell_builtins: CellBuiltins
-) -> None:
-    """Run the compiled cell with the cells' builtins in place (so only the worker's own references here)."""
-    cell_builtins.enter()
-    try:
-        EXEC(body, namespace)
-        if last is not None:
-            value = EVAL(last, namespace)
-            if value is not None:
-                PRINT(REPR(value))
-    finally:
-        cell_builtins.leave()
 
 
 def _print_traceback(exc: BaseException, stderr: io.TextIOBase) -> None:

@@ -10,6 +10,7 @@ nothing but the duty to reap it: the host talks to workers directly, and kills e
 
 from __future__ import annotations
 
+import faulthandler
 import gc
 import importlib
 import os
@@ -111,6 +112,7 @@ class Zygote:
             importlib.import_module(name)
         exec(WARM_UP, {})
         worker.warm_up()
+        faulthandler.enable(file=sys.stderr)  # fd 2: in each worker, its stderr memfd
         gc.collect()
         gc.freeze()  # the heap stays shared with workers instead of being copied by the collector
         with open(maps, closefd=True) as listing:
