@@ -2,7 +2,7 @@
 
 A worker serves one caller (a session, or one `run()`) and is killed when that caller is done. The pool
 keeps ready spares, as many as there are workers in use (at least `min_spares`), and asks the zygote for
-replacements as soon as spares are taken: forking and confining a worker stays off the callers' clock.
+replacements as spares are taken: forking and confining a worker stays off the callers' clock.
 Callers wait (with a timeout) when `max_workers` are alive. A dead zygote is replaced, and the workers of
 a dead zygote are never handed out.
 """
@@ -53,7 +53,8 @@ class WorkerPool:
         self._offer(worker)
 
     async def acquire(self, timeout_s: float) -> WorkerHandle:
-        """A fresh, ready worker for one caller, who gives it back with `release()`."""
+        """A fresh, ready worker for one caller, who gives it back with `release()` and calls `replenish()`
+        once its first call is answered (a fork on the other core would slow that call down)."""
         while True:
             if self.spares:
                 worker = self.spares.popleft()
@@ -61,7 +62,6 @@ class WorkerPool:
             else:
                 worker = await self._wait(timeout_s)
             if worker.generation == self.generation and not worker.exited():
-                self._replenish()
                 return worker
             self.release(worker)
 
@@ -69,7 +69,7 @@ class WorkerPool:
         """Kill a worker whose caller is done with it, and ask for a replacement if one is needed."""
         worker.close()
         self.in_use -= 1
-        self._replenish()
+        self.replenish()
 
     def zygote_died(self, worker: WorkerHandle) -> bool:
         """Whether `worker`'s zygote has exited: the host hears of that before the zygote's workers die."""
@@ -94,7 +94,7 @@ class WorkerPool:
     async def _wait(self, timeout_s: float) -> WorkerHandle:
         future: asyncio.Future[WorkerHandle] = asyncio.get_running_loop().create_future()
         self.waiters.append(future)
-        self._replenish()
+        self.replenish()
         try:
             async with asyncio.timeout(timeout_s):
                 return await future
@@ -126,7 +126,9 @@ class WorkerPool:
                 return
         self.spares.append(worker)
 
-    def _replenish(self) -> None:
+    def replenish(self) -> None:
+        """Ask the zygote for the spares missing: one for each worker in use (at least `min_spares`), and one
+        for each caller waiting."""
         if self.closed:
             return
         if self.zygote is None:
@@ -150,7 +152,7 @@ class WorkerPool:
             raise
         self.zygote = zygote
         zygote.listen()
-        self._replenish()
+        self.replenish()
 
     async def _restart_zygote(self) -> None:
         try:
@@ -181,7 +183,7 @@ class WorkerPool:
             self._offer(worker)
         else:
             self._failed_to_start(worker)
-        self._replenish()
+        self.replenish()
 
     def _failed_to_start(self, worker: WorkerHandle) -> None:
         stderr = worker.read_output(4096)[1].strip()
@@ -200,7 +202,7 @@ class WorkerPool:
         for worker in self.spares:
             worker.close()
         self.spares.clear()
-        self._replenish()
+        self.replenish()
 
     def _fail_waiters(self, exc: BaseException) -> None:
         while self.waiters:

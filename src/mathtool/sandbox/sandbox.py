@@ -159,23 +159,28 @@ class PythonSession:
         lost = self._worker is not None and self._worker.exited()  # since the last call (the OOM killer, ...)
         if lost:
             self._drop_worker()
-        worker = await self._ready_worker()
-        result, alive = await _call(worker, code, self._sandbox.limits)
+        result, alive, worker = await self._call(code)
         if not alive and self._pool.zygote_died(worker):
             lost = lost or self._cells > 0
             self._drop_worker()
-            worker = await self._ready_worker()
-            result, alive = await _call(worker, code, self._sandbox.limits)
+            result, alive, worker = await self._call(code)
         if alive:
             self._cells += 1
         else:
             self._drop_worker()
         return result, alive, lost
 
-    async def _ready_worker(self) -> WorkerHandle:
-        if self._worker is None:
-            self._worker, self._cells = await self._sandbox._acquire(), 0
-        return self._worker
+    async def _call(self, code: str) -> tuple[RunResult, bool, WorkerHandle]:
+        """Run `code` on the session's worker, first taking a fresh one if it has none."""
+        worker = self._worker
+        fresh = worker is None
+        if worker is None:
+            worker = self._worker = await self._sandbox._acquire()
+            self._cells = 0
+        result, alive = await _execute(worker, code, self._sandbox.limits)
+        if fresh:
+            self._pool.replenish()  # only now: forking a spare would have slowed this first call down
+        return result, alive, worker
 
     def _drop_worker(self) -> None:
         if self._worker is not None:
@@ -183,7 +188,7 @@ class PythonSession:
             self._worker = None
 
 
-async def _call(worker: WorkerHandle, code: str, limits: Limits) -> tuple[RunResult, bool]:
+async def _execute(worker: WorkerHandle, code: str, limits: Limits) -> tuple[RunResult, bool]:
     """Run one cell on `worker`; return the result and whether the worker may run another."""
     start = time.perf_counter()
     timed_out, error = False, CRASHED
