@@ -103,9 +103,8 @@ class Zygote:
     def __init__(self, config: ZygoteConfig, control: socket.socket, isolated: Isolation | None):
         self.config = config
         self.control = control
-        self.sandbox_uid, self.pid_namespace = (
-            (isolated.sandbox_uid, isolated.pid_namespace) if isolated else (None, -1)
-        )
+        self.sandbox_uid = isolated.sandbox_uid if isolated else None
+        self.pid_namespace = isolated.pid_namespace if isolated else -1
         self.scratch_dirs: dict[int, str] = {}  # without isolation: each worker's own, removed when it ends
         maps = isolated.maps if isolated else os.open("/proc/self/maps", os.O_RDONLY)
         for name in PRELOAD:
