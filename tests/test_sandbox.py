@@ -30,6 +30,7 @@ TIMEOUT_S = 2.0
 OUTPUT_CAP = 4096
 shared_loop = pytest.mark.asyncio(loop_scope="module")
 NAME_ITSELF = "import ctypes\n_ = ctypes.CDLL(None).prctl(15, b'{name}', 0, 0, 0)\n"  # PR_SET_NAME
+RESTARTED, FIRST = f"mt{os.getpid()}r", f"mt{os.getpid()}f"  # process names, unique to this test run
 ESCAPING_CHILD = """import os, time
 if os.fork() == 0:
     os.setsid()
@@ -291,8 +292,8 @@ async def test_session_restarts_after_a_timeout(sandbox: PythonSandbox) -> None:
         stopped = await session.run("while True: pass")
         assert stopped.timed_out and "session restarted" in (stopped.error or "")
         assert (await session.run("x")).error == "NameError: name 'x' is not defined"
-        await session.run(f"y = 2\n{NAME_ITSELF.format(name='mt-restart')}")
-        kill_and_wait(pid_named("mt-restart"))  # it dies between calls, as if the OOM killer took it
+        await session.run(f"y = 2\n{NAME_ITSELF.format(name=RESTARTED)}")
+        kill_and_wait(pid_named(RESTARTED))  # it dies between calls, as if the OOM killer took it
         after = await session.run("print('fresh')")
         assert after.stdout == "fresh\n" and after.stderr.startswith("[the session restarted")
         assert (await session.run("y")).error == "NameError: name 'y' is not defined"
@@ -315,11 +316,11 @@ async def test_two_sessions_cannot_reach_each_other(sandbox: PythonSandbox) -> N
         "listener.listen()\n"
         "listener.setblocking(False)\n"
         "signals = []\n"
-        "signal.signal(signal.SIGUSR1, lambda *_: signals.append('USR1'))\n" + NAME_ITSELF.format(name="mt-first")
+        "signal.signal(signal.SIGUSR1, lambda *_: signals.append('USR1'))\n" + NAME_ITSELF.format(name=FIRST)
     )
     async with sandbox.session() as first, sandbox.session() as second:
         assert (await first.run(setup)).stdout == "True\n"
-        host_pid = pid_named("mt-first")
+        host_pid = pid_named(FIRST)
         probe = (
             "import ctypes, os, signal, socket\n"
             "print(os.path.exists('/tmp/note'), os.path.exists('/dev/shm/mathtool-test'))\n"
