@@ -275,6 +275,13 @@ async def test_output_flood_is_truncated_with_a_marker(sandbox: PythonSandbox) -
 
 
 @shared_loop
+async def test_garbage_on_the_workers_socket_stops_only_that_call(sandbox: PythonSandbox) -> None:
+    forged = await sandbox.run("import os, time\nos.write(3, (2**31).to_bytes(4, 'big'))\ntime.sleep(1)")
+    assert not forged.ok and not forged.timed_out and "malformed reply" in (forged.error or "")
+    assert await run_ok(sandbox, "print('next')") == "next\n"
+
+
+@shared_loop
 async def test_session_state_persists_and_sessions_are_isolated(sandbox: PythonSandbox) -> None:
     async with sandbox.session() as first, sandbox.session() as second:
         await first.run("x = 41\nopen('/tmp/mine', 'w').write('first')")

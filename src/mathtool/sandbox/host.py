@@ -77,6 +77,7 @@ class WorkerHandle:
     """The host's end of one worker: its socket, its stdout/stderr memfds and a pidfd to kill it by.
 
     The worker says {"ready": true} once it is confined; `wait_ready()` reads that, and `call()` needs it.
+    The socket is watched by the event loop for the worker's whole life, not registered anew for each reply.
     """
 
     def __init__(self, fds: list[int], generation: int) -> None:
@@ -87,6 +88,9 @@ class WorkerHandle:
         self.closed = False
         self.ready = False
         self.buffer = bytearray()
+        self.ended = False
+        self.waiter: asyncio.Future[dict[str, Any]] | None = None
+        asyncio.get_running_loop().add_reader(self.sock, self._readable)
 
     async def call(self, message: dict[str, Any], timeout_s: float) -> dict[str, Any]:
         """Send a request and wait for the reply; TimeoutError, EOFError or ValueError if there is none."""
@@ -107,15 +111,42 @@ class WorkerHandle:
         return self.ready
 
     async def next_frame(self) -> dict[str, Any]:
-        loop = asyncio.get_running_loop()
-        while (frame := self._buffered_frame()) is None:
-            self._received(await loop.sock_recv(self.sock, 65536))
-        return frame
-
-    def _received(self, chunk: bytes) -> None:
-        if not chunk:
+        frame = self._buffered_frame()
+        if frame is not None:
+            return frame
+        if self.ended:
             raise EOFError("the worker closed its socket")
+        self.waiter = asyncio.get_running_loop().create_future()
+        try:
+            return await self.waiter
+        finally:
+            self.waiter = None
+
+    def _readable(self) -> None:
+        """Take what the worker sent, whenever it sends it: no more than a reply's worth is kept (a worker
+        that sends more, even between calls, is read no further and its next call fails)."""
+        try:
+            chunk = self.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
         self.buffer += chunk
+        if not chunk or len(self.buffer) > protocol.HEADER.size + protocol.MAX_REPLY_BYTES:
+            self.ended = True
+            asyncio.get_running_loop().remove_reader(self.sock)
+        waiter = self.waiter
+        if waiter is None or waiter.done():
+            return
+        try:
+            frame = self._buffered_frame()
+        except ValueError as exc:
+            waiter.set_exception(exc)
+            return
+        if frame is not None:
+            waiter.set_result(frame)
+        elif self.ended:
+            waiter.set_exception(EOFError("the worker closed its socket"))
 
     def _buffered_frame(self) -> dict[str, Any] | None:
         body = protocol.take_frame(self.buffer, protocol.MAX_REPLY_BYTES)
@@ -138,6 +169,8 @@ class WorkerHandle:
         self.kill()
         if not self.closed:
             self.closed = True
+            if not self.ended:
+                asyncio.get_running_loop().remove_reader(self.sock)
             self.sock.close()
             for fd in (self.stdout, self.stderr, self.pidfd):
                 os.close(fd)

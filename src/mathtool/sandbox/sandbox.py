@@ -25,6 +25,7 @@ ACQUIRE_TIMEOUT_S = 300.0  # waiting for a worker when max_workers are alive
 MIN_MEMORY_MB = 256  # numpy and sympy are already loaded in every worker
 SESSION_LOST = "the session restarted, its variables are gone"
 CRASHED = "the process exited before the code finished (os._exit or a fatal signal)"
+MALFORMED = "the process sent the sandbox a malformed reply (did the code write to the sandbox's socket?)"
 BROKEN = "the code broke the sandbox's own machinery (it replaced something the worker needs to report back)"
 FATAL_ERROR = "Fatal Python error: "
 SANDBOX_DIR = str(Path(__file__).resolve().parent)
@@ -191,12 +192,14 @@ class PythonSession:
 async def _execute(worker: WorkerHandle, code: str, limits: Limits) -> tuple[RunResult, bool]:
     """Run one cell on `worker`; return the result and whether the worker may run another."""
     start = time.perf_counter()
-    timed_out, error = False, CRASHED
+    timed_out, error = False, ""
     try:
         reply = await worker.call({"code": code}, limits.timeout_s)
     except TimeoutError:
         reply, timed_out, error = {}, True, f"timed out after {limits.timeout_s:g} s"
-    except (EOFError, ValueError, OSError):
+    except ValueError as exc:
+        reply, error = {}, f"{MALFORMED} ({exc})"
+    except (EOFError, OSError):
         reply = {}
     except BaseException:
         worker.kill()
@@ -204,7 +207,7 @@ async def _execute(worker: WorkerHandle, code: str, limits: Limits) -> tuple[Run
     if not reply:
         worker.kill()
     stdout, stderr = worker.read_output(limits.max_output_bytes)
-    if not reply and not timed_out:
+    if not reply and not error:
         stderr, error = _crash_report(stderr)
     result = RunResult(
         stdout=stdout,
