@@ -272,6 +272,9 @@ async def test_output_flood_is_truncated_with_a_marker(sandbox: PythonSandbox) -
         assert OUTPUT_CAP < len(stream) < OUTPUT_CAP + 200 and "output truncated" in stream
     endless = await sandbox.run("while True:\n    print('y' * 1000)")
     assert len(endless.stdout) < OUTPUT_CAP + 200 and not endless.ok
+    long_message = await sandbox.run("raise ValueError('x' * 2_000_000)")
+    assert (long_message.error or "").startswith("ValueError: xxx") and len(long_message.error or "") <= 1000
+    assert "output truncated" in long_message.stderr
 
 
 @shared_loop

@@ -17,6 +17,7 @@ from typing import Any
 HEADER = struct.Struct("!I")
 MAX_REQUEST_BYTES = 64 * 1024 * 1024
 MAX_REPLY_BYTES = 1024 * 1024
+MAX_ERROR_CHARS = 1000  # of the error line in a reply (an exception's message can be any length)
 
 # Zygote <-> host messages (SOCK_SEQPACKET, one per datagram).
 NEED_ID_MAPS = b"U"  # zygote: "I unshared my user namespace; write my uid/gid maps"

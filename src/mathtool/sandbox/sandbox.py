@@ -17,7 +17,7 @@ from typing import Any
 from mathtool.errors import ConfigError, SandboxUnavailable
 from mathtool.sandbox.host import WorkerHandle, python_paths
 from mathtool.sandbox.pool import WorkerPool
-from mathtool.sandbox.protocol import WORKER_FAILED, Limits, ZygoteConfig
+from mathtool.sandbox.protocol import MAX_ERROR_CHARS, WORKER_FAILED, Limits, ZygoteConfig
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +240,7 @@ def _error_line(reply: dict[str, Any], fallback: str) -> str | None:
     if not reply:
         return fallback
     error = reply.get("error")
-    return str(error)[:1000] if error else None
+    return str(error)[:MAX_ERROR_CHARS] if error else None
 
 
 def _validate(limits: Limits, workers: int, max_workers: int) -> None:

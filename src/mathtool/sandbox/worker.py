@@ -157,7 +157,7 @@ class Worker:
         _close_streams(self.streams)
         if self.isolated:
             _kill_descendants()
-        return {"ok": ok, "error": error}
+        return {"ok": ok, "error": error[: protocol.MAX_ERROR_CHARS] if error else None}
 
     def warm_up(self) -> None:
         """Go through a call once before saying it is ready: the first real call then writes few pages for
