@@ -4,7 +4,8 @@
 
 A session as the agent uses one: opened, three cells that build on each other's variables, closed.
 Latency: sessions one at a time, isolation on, default knobs; the first call's time includes opening the
-session (a fresh worker process is taken for it). Throughput: `--concurrency` sessions in flight from one
+session (a fresh worker process is taken for it). Also shown, not in the JSON: 1,000 more cells in one
+long session (a call once its process is warm). Throughput: `--concurrency` sessions in flight from one
 event loop, each closed session replaced by a new one. Baseline: the first cell run by this interpreter
 (`sys.executable`, the venv's python3) in a new process, as a naive tool would; its calls are interleaved
 with the sessions so that both see the same load (the machine may be shared).
@@ -72,6 +73,20 @@ def subprocess_latency_ms() -> float:
     return (time.perf_counter() - start) * 1e3
 
 
+async def long_session_ms(sandbox: PythonSandbox, cells: int) -> list[float]:
+    """Cells of one long session, after the three of `CELLS`: what a call costs once its process is warm."""
+    times = []
+    async with sandbox.session() as session:
+        for code, _ in CELLS:
+            await session.run(code)
+        for _ in range(cells):
+            start = time.perf_counter()
+            outcome = await session.run(CELLS[-1][0])
+            times.append((time.perf_counter() - start) * 1e3)
+            assert outcome.stdout == CELLS[-1][1], outcome
+    return times
+
+
 async def concurrent(sandbox: PythonSandbox, sessions: int, concurrency: int) -> tuple[float, list[list[float]]]:
     """Sessions per second with `concurrency` in flight, and each session's marks."""
     remaining, marks = sessions, []
@@ -87,14 +102,17 @@ async def concurrent(sandbox: PythonSandbox, sessions: int, concurrency: int) ->
     return sessions / (time.perf_counter() - start), marks
 
 
-async def measure(args: argparse.Namespace) -> tuple[list[list[float]], list[float], float, list[list[float]]]:
+async def measure(
+    args: argparse.Namespace,
+) -> tuple[list[list[float]], list[float], float, list[list[float]], list[float]]:
     every = max(1, args.sessions // args.subprocess_calls)
     async with PythonSandbox(timeout_s=5, memory_mb=1024) as sandbox:
         await sequential(sandbox, 20)  # warm-up
         ours, theirs = await sequential(sandbox, args.sessions, every)
+        warm = await long_session_ms(sandbox, 1000)
         await concurrent(sandbox, args.concurrency, args.concurrency)  # warm-up: spares sized to the load
         rate, loaded = await concurrent(sandbox, args.throughput_sessions, args.concurrency)
-    return ours, theirs, rate, loaded
+    return ours, theirs, rate, loaded, warm
 
 
 def first_and_later_ms(marks: list[list[float]]) -> tuple[list[float], list[float]]:
@@ -112,7 +130,7 @@ def main() -> None:
     args = parser.parse_args()
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}")
-    ours, theirs, rate, loaded = asyncio.run(measure(args))
+    ours, theirs, rate, loaded, warm = asyncio.run(measure(args))
     first, later = first_and_later_ms(ours)
     whole = [m[-1] * 1e3 for m in ours]
     first_p50, later_p50, whole_p99 = percentile(first, 0.5), percentile(later, 0.5), percentile(whole, 0.99)
@@ -121,6 +139,7 @@ def main() -> None:
         f"one session at a time: open + first cell p50 {first_p50:.2f} ms (p99 {percentile(first, 0.99):.2f}), "
         f"later cells p50 {later_p50:.2f} ms, whole session p50 {percentile(whole, 0.5):.2f} ms, p99 {whole_p99:.2f} ms"
     )
+    print(f"one long session, 1,000 more cells: p50 {percentile(warm, 0.5):.2f} ms")
     loaded_first, loaded_later = (percentile(values, 0.5) for values in first_and_later_ms(loaded))
     print(
         f"{args.concurrency} sessions in flight: {rate:.0f} sessions/s, {rate * len(CELLS):.0f} calls/s; "
