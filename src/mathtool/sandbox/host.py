@@ -76,9 +76,8 @@ def write_id_maps(pid: int) -> int | None:
 class WorkerHandle:
     """The host's end of one worker: its socket, its stdout/stderr memfds and a pidfd to kill it by.
 
-    After each reply the worker prepares for the next call (resets, checks it is still clean) and then
-    sends {"ready": true}, or {"ready": false} and exits. `wait_ready()` reads that frame; `call()`
-    needs it read first.
+    The worker says {"ready": true} once it is confined; `wait_ready()` reads that, and `call()` needs it.
+    The socket is watched by the event loop for the worker's whole life, not registered anew for each reply.
     """
 
     def __init__(self, fds: list[int], generation: int) -> None:
@@ -89,52 +88,65 @@ class WorkerHandle:
         self.closed = False
         self.ready = False
         self.buffer = bytearray()
+        self.ended = False
+        self.waiter: asyncio.Future[dict[str, Any]] | None = None
+        asyncio.get_running_loop().add_reader(self.sock, self._readable)
 
     async def call(self, message: dict[str, Any], timeout_s: float) -> dict[str, Any]:
         """Send a request and wait for the reply; TimeoutError, EOFError or ValueError if there is none."""
         if not self.ready:
             raise RuntimeError("a request to a worker that has not said it is ready")
-        self.ready = False
         async with asyncio.timeout(timeout_s):
             await asyncio.get_running_loop().sock_sendall(self.sock, protocol.encode_frame(message))
             return await self.next_frame()
 
     async def wait_ready(self, timeout_s: float) -> bool:
-        """Whether the worker says it can take a request (False if it retires, dies or says nothing)."""
-        if not self.ready:
-            try:
-                frame = self.frame_now()
-                if frame is None:
-                    async with asyncio.timeout(timeout_s):
-                        frame = await self.next_frame()
-            except (TimeoutError, EOFError, ValueError, OSError):
-                return False
-            self.ready = frame.get("ready") is True
+        """Whether the worker says it can take requests (False if it dies or says nothing)."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                frame = await self.next_frame()
+        except (TimeoutError, EOFError, ValueError, OSError):
+            return False
+        self.ready = frame.get("ready") is True
         return self.ready
 
-    def maybe_ready(self) -> bool:
-        """Without waiting: True if the worker is ready or has sent something since its last reply."""
-        return self.ready or bool(self.buffer) or bool(select.select([self.sock], [], [], 0)[0])
-
-    def frame_now(self) -> dict[str, Any] | None:
-        """The next frame if it has arrived whole, without waiting (usually so for {"ready": true})."""
-        while (frame := self._buffered_frame()) is None:
-            try:
-                self._received(self.sock.recv(65536))
-            except BlockingIOError:
-                return None
-        return frame
-
     async def next_frame(self) -> dict[str, Any]:
-        loop = asyncio.get_running_loop()
-        while (frame := self._buffered_frame()) is None:
-            self._received(await loop.sock_recv(self.sock, 65536))
-        return frame
-
-    def _received(self, chunk: bytes) -> None:
-        if not chunk:
+        frame = self._buffered_frame()
+        if frame is not None:
+            return frame
+        if self.ended:
             raise EOFError("the worker closed its socket")
+        self.waiter = asyncio.get_running_loop().create_future()
+        try:
+            return await self.waiter
+        finally:
+            self.waiter = None
+
+    def _readable(self) -> None:
+        """Take what the worker sent, whenever it sends it: no more than a reply's worth is kept (a worker
+        that sends more, even between calls, is read no further and its next call fails)."""
+        try:
+            chunk = self.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
         self.buffer += chunk
+        if not chunk or len(self.buffer) > protocol.HEADER.size + protocol.MAX_REPLY_BYTES:
+            self.ended = True
+            asyncio.get_running_loop().remove_reader(self.sock)
+        waiter = self.waiter
+        if waiter is None or waiter.done():
+            return
+        try:
+            frame = self._buffered_frame()
+        except ValueError as exc:
+            waiter.set_exception(exc)
+            return
+        if frame is not None:
+            waiter.set_result(frame)
+        elif self.ended:
+            waiter.set_exception(EOFError("the worker closed its socket"))
 
     def _buffered_frame(self) -> dict[str, Any] | None:
         body = protocol.take_frame(self.buffer, protocol.MAX_REPLY_BYTES)
@@ -157,6 +169,8 @@ class WorkerHandle:
         self.kill()
         if not self.closed:
             self.closed = True
+            if not self.ended:
+                asyncio.get_running_loop().remove_reader(self.sock)
             self.sock.close()
             for fd in (self.stdout, self.stderr, self.pidfd):
                 os.close(fd)
@@ -186,13 +200,21 @@ def _read_stream(fd: int, limit: int) -> str:
 
 
 class Zygote:
-    """The zygote process and its control socket; worker handles arrive through `on_worker`."""
+    """The zygote process and its control socket; worker handles arrive through `on_worker`, and its exit
+    through `on_exit`, once `listen()` was called (or in `poll()`)."""
 
-    def __init__(self, config: ZygoteConfig, generation: int) -> None:
+    def __init__(
+        self,
+        config: ZygoteConfig,
+        generation: int,
+        on_worker: Callable[[WorkerHandle], None],
+        on_exit: Callable[[Zygote], None],
+    ) -> None:
         self.config = config
         self.generation = generation
         self.control, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.control.setblocking(False)
+        self.on_worker, self.on_exit = on_worker, on_exit
         sandbox_dir = Path(__file__).resolve().parent
         packages = [("mathtool", str(sandbox_dir.parent)), ("mathtool.sandbox", str(sandbox_dir))]
         boot = BOOT.format(packages=packages)
@@ -232,23 +254,27 @@ class Zygote:
         except OSError:
             log.debug("could not ask the zygote for workers", exc_info=True)  # its death arrives as EOF
 
-    def listen(self, on_worker: Callable[[WorkerHandle], None], on_exit: Callable[[Zygote], None]) -> None:
-        asyncio.get_running_loop().add_reader(self.control, self._readable, on_worker, on_exit)
+    def listen(self) -> None:
+        asyncio.get_running_loop().add_reader(self.control, self.poll)
 
-    def _readable(self, on_worker: Callable[[WorkerHandle], None], on_exit: Callable[[Zygote], None]) -> None:
-        while True:
+    def poll(self) -> None:
+        """Take what the zygote sent (new workers), and notice its exit: the end of its socket, which comes
+        before its workers die, or the exit of the process we started."""
+        while self.control.fileno() >= 0:
             try:
                 message, fds, _, _ = socket.recv_fds(self.control, 4096, 4, socket.MSG_CMSG_CLOEXEC)
             except BlockingIOError:
-                return
+                if self.process.poll() is None:
+                    return
+                message, fds = b"", []
             except OSError:
                 message, fds = b"", []
             if not message:
                 self.close()
-                on_exit(self)
+                self.on_exit(self)
                 return
             if message == protocol.WORKER and len(fds) == 4:
-                on_worker(WorkerHandle(fds, self.generation))
+                self.on_worker(WorkerHandle(fds, self.generation))
             else:
                 for fd in fds:
                     os.close(fd)

@@ -22,8 +22,10 @@ MS_PRIVATE = 0x40000
 MNT_DETACH = 0x2
 
 PR_SET_PDEATHSIG = 1
-PR_SET_CHILD_SUBREAPER = 36
 PR_SET_NO_NEW_PRIVS = 38
+
+MADV_COLLAPSE = 25
+HUGE_PAGE = 2 * 1024 * 1024
 
 _PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
 _CAP_VERSION_3 = 0x20080522
@@ -64,6 +66,22 @@ def pivot_root(new_root: str, put_old: str) -> None:
 
 def prctl(option: int, arg: int) -> None:
     _check(_libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg), 0, 0, 0), "prctl")
+
+
+def collapse_into_huge_pages(maps: str) -> int:
+    """Back the private anonymous memory (Python's heap) listed in `maps`, this process's /proc/self/maps,
+    with huge pages where the kernel can (Linux 6.1+): a fork then copies, and an exit frees, one page-table
+    entry per 2 MiB instead of 512. Returns the bytes collapsed."""
+    collapsed = 0
+    for line in maps.splitlines():
+        fields = line.split()
+        if fields[1] != "rw-p" or fields[4] != "0" or fields[5:] not in ([], ["[heap]"]):
+            continue
+        low, high = (int(address, 16) for address in fields[0].split("-"))
+        start, end = -(-low // HUGE_PAGE) * HUGE_PAGE, high // HUGE_PAGE * HUGE_PAGE
+        if end > start and _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_COLLAPSE) == 0:
+            collapsed += end - start
+    return collapsed
 
 
 class _CapHeader(ctypes.Structure):

@@ -1,7 +1,10 @@
-"""Hand out workers: `spares` fresh ones forked ahead of need, warm ones kept after `run()` calls.
+"""Hand out fresh workers, one to each caller, and keep enough of them forked ahead of demand.
 
-Callers wait (with a timeout) when `max_workers` are busy; a dead zygote is replaced, and workers of a
-dead zygote are never handed out again.
+A worker serves one caller (a session, or one `run()`) and is killed when that caller is done. The pool
+keeps ready spares, as many as there are workers in use (at least `min_spares`), and asks the zygote for
+replacements as spares are taken: forking and confining a worker stays off the callers' clock.
+Callers wait (with a timeout) when `max_workers` are alive. A dead zygote is replaced, and the workers of
+a dead zygote are never handed out.
 """
 
 from __future__ import annotations
@@ -20,20 +23,18 @@ from mathtool.sandbox.protocol import ZygoteConfig
 log = logging.getLogger(__name__)
 
 WORKER_READY_TIMEOUT_S = 30.0
-MAX_PENDING_SPAWNS = 4
-MIN_IDLE_USED = 16  # warm workers kept for reuse after run() calls, at least
+MAX_PENDING_SPAWNS = 8  # workers being forked and confined at once: more only slows the ones in use
 
 
 class WorkerPool:
-    def __init__(self, config: ZygoteConfig, spares: int, max_workers: int) -> None:
+    def __init__(self, config: ZygoteConfig, min_spares: int, max_workers: int) -> None:
         self.config = config
-        self.spare_target = spares
+        self.min_spares = min_spares
         self.max_workers = max_workers
         self.spares: collections.deque[WorkerHandle] = collections.deque()
-        self.used: collections.deque[WorkerHandle] = collections.deque()
-        self.waiters: collections.deque[tuple[bool, asyncio.Future[WorkerHandle]]] = collections.deque()
-        self.live = 0  # workers we hold or asked for
-        self.pending = 0  # asked for, not yet arrived
+        self.waiters: collections.deque[asyncio.Future[WorkerHandle]] = collections.deque()
+        self.in_use = 0  # handed to callers (or to a waiter's future), not yet released
+        self.pending = 0  # asked of the zygote, not yet ready
         self.generation = 0
         self.zygote: Zygote | None = None
         self.starting: asyncio.Task[None] | None = None
@@ -47,130 +48,111 @@ class WorkerPool:
             scratch_root = tempfile.mkdtemp(prefix="mathtool-sandbox-")
             self.config = dataclasses.replace(self.config, scratch_root=scratch_root)
         await self._start_zygote()
-        self.release(await self.acquire(fresh=True, timeout_s=WORKER_READY_TIMEOUT_S), reusable=True, fresh=True)
+        worker = await self.acquire(WORKER_READY_TIMEOUT_S)
+        self.in_use -= 1
+        self._offer(worker)
 
-    async def acquire(self, fresh: bool, timeout_s: float) -> WorkerHandle:
-        """A ready worker: a never-used one if `fresh`, else preferably one already warm from `run()` calls."""
+    async def acquire(self, timeout_s: float) -> WorkerHandle:
+        """A fresh, ready worker for one caller, who gives it back with `release()` and calls `replenish()`
+        once its first call is answered (a fork on the other core would slow that call down)."""
         while True:
-            worker = self._take(fresh)
-            if worker is None:
-                worker = await self._wait(fresh, timeout_s)
-            try:
-                usable = worker.generation == self.generation and not worker.exited()
-                usable = usable and await worker.wait_ready(WORKER_READY_TIMEOUT_S)
-            except BaseException:
-                self.retire(worker)
-                raise
-            if usable:
-                self._replenish()
+            if self.spares:
+                worker = self.spares.popleft()
+                self.in_use += 1
+            else:
+                worker = await self._wait(timeout_s)
+            if worker.generation == self.generation and not worker.exited():
                 return worker
-            self.retire(worker)
+            self.release(worker)
 
-    async def _wait(self, fresh: bool, timeout_s: float) -> WorkerHandle:
-        future: asyncio.Future[WorkerHandle] = asyncio.get_running_loop().create_future()
-        self.waiters.append((fresh, future))
-        self._replenish()
-        try:
-            async with asyncio.timeout(timeout_s):
-                return await future
-        except TimeoutError:
-            self._give_back(future, fresh)
-            raise TimeoutError(f"no sandbox worker became free within {timeout_s:g} s") from None
-        except BaseException:
-            self._give_back(future, fresh)
-            raise
+    def release(self, worker: WorkerHandle) -> None:
+        """Kill a worker whose caller is done with it, and ask for a replacement if one is needed."""
+        worker.close()
+        self.in_use -= 1
+        self.replenish()
 
-    def _give_back(self, future: asyncio.Future[WorkerHandle], fresh: bool) -> None:
-        """A waiter gave up (timeout, cancellation): a worker handed to it meanwhile goes back."""
-        if future.done() and not future.cancelled() and future.exception() is None:
-            self.release(future.result(), reusable=True, fresh=fresh)
-
-    def release(self, worker: WorkerHandle, reusable: bool, fresh: bool = False) -> None:
-        if reusable and not self.closed and not worker.closed and worker.generation == self.generation:
-            self._offer(worker, fresh)
-        else:
-            self.retire(worker)
-
-    def retire(self, worker: WorkerHandle) -> None:
-        if not worker.closed:
-            worker.close()
-            self.live -= 1
-        self._replenish()
+    def zygote_died(self, worker: WorkerHandle) -> bool:
+        """Whether `worker`'s zygote has exited: the host hears of that before the zygote's workers die."""
+        if self.zygote is not None:
+            self.zygote.poll()
+        return worker.generation != self.generation
 
     async def close(self) -> None:
         self.closed = True
         for task in [*self.tasks, *([self.starting] if self.starting else [])]:
             task.cancel()
-        for worker in [*self.spares, *self.used]:
+        for worker in self.spares:
             worker.close()
         self.spares.clear()
-        self.used.clear()
-        for _, future in self.waiters:
-            if not future.done():
-                future.set_exception(RuntimeError("the sandbox was closed"))
+        self._fail_waiters(RuntimeError("the sandbox was closed"))
         if self.zygote is not None:
             self.zygote.close()
             self.zygote = None
         if self.config.scratch_root:
             shutil.rmtree(self.config.scratch_root, ignore_errors=True)
 
-    def _take(self, fresh: bool) -> WorkerHandle | None:
-        """A warm worker that finished preparing since its last call, else a spare, else any warm one.
+    async def _wait(self, timeout_s: float) -> WorkerHandle:
+        future: asyncio.Future[WorkerHandle] = asyncio.get_running_loop().create_future()
+        self.waiters.append(future)
+        self.replenish()
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await future
+        except TimeoutError:
+            self._give_back(future)
+            raise TimeoutError(f"no sandbox worker became free within {timeout_s:g} s") from None
+        except BaseException:
+            self._give_back(future)
+            raise
 
-        The most recently used first: sequential calls alternate between two workers whose memory is
-        still in the CPU caches (one serves while the other prepares).
-        """
-        if not fresh:
-            for worker in reversed(self.used):
-                if worker.maybe_ready():
-                    self.used.remove(worker)
-                    return worker
-        if self.spares:
-            return self.spares.popleft()
-        return self.used.pop() if self.used and not fresh else None
+    def _give_back(self, future: asyncio.Future[WorkerHandle]) -> None:
+        """A waiter gave up (timeout, cancellation): a worker handed to it meanwhile goes back."""
+        if future in self.waiters:
+            self.waiters.remove(future)
+        elif not future.cancelled() and future.exception() is None:
+            self.in_use -= 1
+            self._offer(future.result())
 
-    def _offer(self, worker: WorkerHandle, fresh: bool) -> None:
-        for entry in self.waiters:
-            needs_fresh, future = entry
-            if not future.done() and (fresh or not needs_fresh):
-                self.waiters.remove(entry)
+    def _offer(self, worker: WorkerHandle) -> None:
+        """A ready worker: to the first caller waiting, else among the spares."""
+        if self.closed or worker.generation != self.generation:
+            worker.close()
+            return
+        while self.waiters:
+            future = self.waiters.popleft()
+            if not future.done():  # else cancelled, its caller not yet told
+                self.in_use += 1
                 future.set_result(worker)
                 return
-        if fresh:
-            self.spares.append(worker)
-        elif len(self.used) < max(self.spare_target, MIN_IDLE_USED):
-            self.used.append(worker)
-        else:
-            self.retire(worker)
+        self.spares.append(worker)
 
-    def _replenish(self) -> None:
+    def replenish(self) -> None:
+        """Ask the zygote for the spares missing: one for each worker in use (at least `min_spares`), and one
+        for each caller waiting."""
         if self.closed:
             return
-        while self.waiters and self.waiters[0][1].done():
-            self.waiters.popleft()
         if self.zygote is None:
             if self.starting is None and (self.waiters or self.ever_ready):
                 self.starting = asyncio.get_running_loop().create_task(self._restart_zygote())
             return
-        waiting = sum(not future.done() for _, future in self.waiters)
-        wanted = self.spare_target + waiting - len(self.spares) - self.pending
-        wanted = min(wanted, MAX_PENDING_SPAWNS - self.pending, self.max_workers - self.live)
+        wanted = max(self.min_spares, self.in_use) + len(self.waiters) - len(self.spares) - self.pending
+        alive = self.in_use + len(self.spares) + self.pending
+        wanted = min(wanted, MAX_PENDING_SPAWNS - self.pending, self.max_workers - alive)
         if wanted > 0:
             self.zygote.spawn(wanted)
             self.pending += wanted
-            self.live += wanted
 
     async def _start_zygote(self) -> None:
         self.generation += 1
-        zygote = Zygote(self.config, self.generation)
+        zygote = Zygote(self.config, self.generation, self._on_worker, self._on_zygote_exit)
         try:
             await zygote.start()
         except BaseException:
             zygote.close()
             raise
         self.zygote = zygote
-        zygote.listen(self._on_worker, self._on_zygote_exit)
-        self._replenish()
+        zygote.listen()
+        self.replenish()
 
     async def _restart_zygote(self) -> None:
         try:
@@ -182,7 +164,6 @@ class WorkerPool:
             self.starting = None
 
     def _on_worker(self, worker: WorkerHandle) -> None:
-        self.pending -= 1
         task = asyncio.get_running_loop().create_task(self._await_ready(worker))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
@@ -193,19 +174,23 @@ class WorkerPool:
         except BaseException:  # cancelled: the sandbox is closing
             worker.close()
             raise
-        if not ready:
-            stderr = worker.read_output(4096)[1].strip()
-            worker.close()
-            self.live -= 1
-            if worker.generation != self.generation:
-                return  # its zygote died meanwhile
-            log.warning("a sandbox worker failed to start: %s", stderr)
-            if not self.ever_ready:
-                self._fail_waiters(SandboxUnavailable(f"sandbox workers cannot start: {stderr}. {UNAVAILABLE_HINT}"))
-            self._replenish()
+        if worker.generation != self.generation:
+            worker.close()  # its zygote died meanwhile, and took the pending count with it
             return
-        self.ever_ready = True
-        self.release(worker, reusable=True, fresh=True)
+        self.pending -= 1
+        if ready:
+            self.ever_ready = True
+            self._offer(worker)
+        else:
+            self._failed_to_start(worker)
+        self.replenish()
+
+    def _failed_to_start(self, worker: WorkerHandle) -> None:
+        stderr = worker.read_output(4096)[1].strip()
+        worker.close()
+        log.warning("a sandbox worker failed to start: %s", stderr)
+        if not self.ever_ready:
+            self._fail_waiters(SandboxUnavailable(f"sandbox workers cannot start: {stderr}. {UNAVAILABLE_HINT}"))
 
     def _on_zygote_exit(self, zygote: Zygote) -> None:
         if zygote is not self.zygote:
@@ -213,17 +198,14 @@ class WorkerPool:
         log.warning("the sandbox zygote exited (code %s); starting a new one", zygote.process.returncode)
         self.zygote = None
         self.generation += 1
-        self.live -= self.pending
         self.pending = 0
-        for worker in [*self.spares, *self.used]:
+        for worker in self.spares:
             worker.close()
-            self.live -= 1
         self.spares.clear()
-        self.used.clear()
-        self._replenish()
+        self.replenish()
 
     def _fail_waiters(self, exc: BaseException) -> None:
         while self.waiters:
-            _, future = self.waiters.popleft()
+            future = self.waiters.popleft()
             if not future.done():
                 future.set_exception(exc)

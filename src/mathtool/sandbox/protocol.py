@@ -1,10 +1,10 @@
 """What the host, the zygote and the workers agree on: limits, messages, and the frame format.
 
 Frames between the host and a worker are a 4-byte big-endian length and a UTF-8 JSON body (never
-pickle: the worker runs untrusted code and may send anything back). A worker says {"ready": true} when
-it starts; then, per call: host {"code": str, "session": bool}, worker {"ok": bool, "error": str|null},
-and once it has reset itself, {"ready": true}, or {"ready": false} before it exits. A worker's stdout
-and stderr are not framed: they are memfds the host also holds, read after the call (even after a kill).
+pickle: the worker runs untrusted code and may send anything back). A worker says {"ready": true} once
+it is confined; then, per call: host {"code": str}, worker {"ok": bool, "error": str|null}. A worker's
+stdout and stderr are not framed: they are memfds the host also holds, read after the call (even after a
+kill). A worker that cannot go on after a call writes WORKER_FAILED and the reason to its stderr, and exits.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any
 HEADER = struct.Struct("!I")
 MAX_REQUEST_BYTES = 64 * 1024 * 1024
 MAX_REPLY_BYTES = 1024 * 1024
+MAX_ERROR_CHARS = 1000  # of the error line in a reply (an exception's message can be any length)
 
 # Zygote <-> host messages (SOCK_SEQPACKET, one per datagram).
 NEED_ID_MAPS = b"U"  # zygote: "I unshared my user namespace; write my uid/gid maps"
@@ -26,6 +27,8 @@ ZYGOTE_FAILED = b"E"  # zygote: b"E" + an explanation, then it exits
 ISOLATION_FAILED = "isolation failed: "  # how that explanation starts when namespaces or mounts failed
 SPAWN = b"S"  # host: b"S" + a decimal count of workers to fork
 WORKER = b"W"  # zygote: a new worker, with fds [socket, stdout, stderr, pidfd]
+
+WORKER_FAILED = "[sandbox] the worker failed after the code ran: "
 
 SANDBOX_UID = 65534  # "nobody": what the workers run as when the host can map a second id
 
@@ -40,7 +43,6 @@ class Limits:
     max_processes: int = 64  # processes and threads of one worker (RLIMIT_NPROC, isolated mode only)
     max_open_files: int = 256
     scratch_mb: int = 64  # the private /tmp tmpfs, and the largest file (or output stream) it may write
-    calls_per_worker: int = 100  # calls one warm worker may serve for run(); 1 = a new process per call
 
 
 @dataclass(frozen=True)

@@ -5,20 +5,22 @@ asks the host to write its uid/gid maps, forks once so that it becomes PID 1 of 
 (when it dies, every worker dies), pivots into the read-only root, imports numpy and sympy, and then
 forks workers ahead of need. Each worker is PID 1 of a PID namespace of its own, so its descendants die
 with it. The zygote hands each worker's socket, stdout/stderr memfds and pidfd to the host and keeps
-nothing: the host talks to workers directly.
+nothing but the duty to reap it: the host talks to workers directly, and kills each when its caller is done.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import gc
 import importlib
 import os
 import select
+import shutil
 import signal
 import socket
 import sys
 import tempfile
-from typing import NoReturn
+from typing import NamedTuple, NoReturn
 
 from mathtool.sandbox import linux, protocol, rootfs, worker
 from mathtool.sandbox.protocol import ZygoteConfig
@@ -64,8 +66,14 @@ def _fail(control: socket.socket, reason: str) -> NoReturn:
     os._exit(1)
 
 
-def _isolate(config: ZygoteConfig, control: socket.socket) -> tuple[int | None, int]:
-    """Enter the namespaces and the new root; return (the sandbox uid if mapped, an fd of our PID namespace)."""
+class Isolation(NamedTuple):
+    sandbox_uid: int | None  # what workers run as, if the host could map it
+    pid_namespace: int  # an fd of the zygote's PID namespace, to return to after forking each worker
+    maps: int  # an fd of the zygote's /proc/self/maps, which the new root lacks
+
+
+def _isolate(config: ZygoteConfig, control: socket.socket) -> Isolation:
+    """Enter the namespaces and the new root."""
     linux.unshare(NAMESPACES)
     control.send(protocol.NEED_ID_MAPS)
     control.settimeout(30)
@@ -79,8 +87,9 @@ def _isolate(config: ZygoteConfig, control: socket.socket) -> tuple[int | None, 
         _wait_and_exit(child, control)
     linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
     pid_namespace = os.open("/proc/self/ns/pid", os.O_RDONLY)
+    maps = os.open("/proc/self/maps", os.O_RDONLY)
     rootfs.build_root(config.read_only_paths)
-    return sandbox_uid, pid_namespace
+    return Isolation(sandbox_uid, pid_namespace, maps)
 
 
 def _wait_and_exit(child: int, control: socket.socket) -> NoReturn:
@@ -91,16 +100,22 @@ def _wait_and_exit(child: int, control: socket.socket) -> NoReturn:
 
 
 class Zygote:
-    def __init__(self, config: ZygoteConfig, control: socket.socket, isolated: tuple[int | None, int] | None):
+    def __init__(self, config: ZygoteConfig, control: socket.socket, isolated: Isolation | None):
         self.config = config
         self.control = control
-        self.sandbox_uid, self.pid_namespace = isolated if isolated else (None, -1)
+        self.sandbox_uid = isolated.sandbox_uid if isolated else None
+        self.pid_namespace = isolated.pid_namespace if isolated else -1
+        self.scratch_dirs: dict[int, str] = {}  # without isolation: each worker's own, removed when it ends
+        maps = isolated.maps if isolated else os.open("/proc/self/maps", os.O_RDONLY)
         for name in PRELOAD:
             importlib.import_module(name)
         exec(WARM_UP, {})
         worker.warm_up()
+        faulthandler.enable(file=sys.stderr)  # fd 2: in each worker, its stderr memfd
         gc.collect()
         gc.freeze()  # the heap stays shared with workers instead of being copied by the collector
+        with open(maps, closefd=True) as listing:
+            linux.collapse_into_huge_pages(listing.read())
 
     def serve(self) -> NoReturn:
         self.control.send(protocol.ZYGOTE_READY)
@@ -132,9 +147,11 @@ class Zygote:
             linux.unshare(linux.CLONE_NEWPID)
         pid = os.fork()
         if pid == 0:
-            self.control.detach()
+            os.close(self.control.detach())  # at once: the host hears of the zygote's death when its copy closes
             host_end.detach()
             worker.main([worker_end.detach(), stdout, stderr], self.config, self.sandbox_uid, scratch)
+        if not self.config.isolation:
+            self.scratch_dirs[pid] = scratch
         if self.pid_namespace >= 0:
             linux.setns(self.pid_namespace, linux.CLONE_NEWPID)
         pidfd = os.pidfd_open(pid)
@@ -144,12 +161,25 @@ class Zygote:
         host_end.close()
         worker_end.close()
 
-    @staticmethod
-    def _reap() -> None:
+    def _reap(self) -> None:
         while True:
             try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
+                ended = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
             except ChildProcessError:
                 return
-            if pid == 0:
+            if ended is None:
                 return
+            self._clean_up_after(ended.si_pid)
+            os.waitpid(ended.si_pid, 0)
+
+    def _clean_up_after(self, pid: int) -> None:
+        """Without isolation: kill what the worker started (best effort: its process group) and remove its
+        scratch directory; before the reap, so that its PID, the group's id, cannot be reused meanwhile."""
+        scratch = self.scratch_dirs.pop(pid, None)
+        if scratch is None:
+            return
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        shutil.rmtree(scratch, ignore_errors=True)
