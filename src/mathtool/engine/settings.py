@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,9 @@ def read_config_file(path: Path) -> dict[str, Any]:
             data = json.loads(text)
     except (ValueError, ImportError) as e:
         raise ConfigError(f"{path}: not valid {path.suffix.lstrip('.') or 'JSON'} ({e})") from None
+    except Exception as e:  # yaml.YAMLError, which is no ValueError
+        first = " ".join(str(e).split())
+        raise ConfigError(f"{path}: not valid YAML ({first})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of setting names to values")
     return data
@@ -81,10 +85,8 @@ def resolve(config_file: Path | None, flags: dict[str, Any]) -> tuple[EvalSettin
             if key not in chosen:
                 chosen[key] = value
                 notes.append(f"{key}={value}")
-    try:
-        settings = replace(EvalSettings(), **chosen)
-    except TypeError as e:
-        raise ConfigError(f"bad settings: {e}") from None
+    settings = replace(EvalSettings(), **chosen)
+    check_types(settings)
     _validate(settings)
     return settings, notes
 
@@ -99,3 +101,28 @@ def _validate(s: EvalSettings) -> None:
         raise ConfigError("--limit must be at least 1")
     if not 0.0 <= s.temperature <= 5.0 or not 0.0 < s.top_p <= 1.0:
         raise ConfigError("temperature must be in [0, 5] and top_p in (0, 1]")
+
+
+def check_types(settings: Any) -> None:
+    """Each value of a settings dataclass fits its field (as a config file may give anything): ints for
+    ints, numbers for floats, true/false for booleans, strings for strings, a list of strings for lists."""
+    for f in fields(settings):
+        _check_type(f.name, getattr(settings, f.name), str(f.type))
+
+
+def _check_type(name: str, value: Any, annotation: str) -> None:
+    base = annotation.replace(" | None", "")
+    if value is None:
+        if "None" not in annotation:
+            raise ConfigError(f"{name} must not be empty")
+        return
+    kinds = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
+             "list[str]": "a list of strings"}
+    expected = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "list[str]": (list,)}[base]
+    ok = isinstance(value, expected) and not (isinstance(value, bool) and base != "bool")
+    if ok and base == "float":
+        ok = math.isfinite(value)
+    if ok and base == "list[str]":
+        ok = all(isinstance(item, str) for item in value)
+    if not ok:
+        raise ConfigError(f"{name} must be {kinds[base]}, not {value!r}")

