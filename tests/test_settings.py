@@ -43,3 +43,34 @@ def test_the_cli_shows_it_as_one_line_for_eval_and_train(tmp_path: Path) -> None
                                 timeout=120)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and "not valid YAML" in lines[0], result.stderr
+
+
+def eval_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mathtool.cli", "eval", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_output_mistakes_are_refused_before_the_embedded_server_starts(tmp_path: Path, shared_data: Path) -> None:
+    import time
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "trajectories.jsonl").write_text('{"problem_id": "p", "sample": 0}\n')
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    for output, message in ((run, "already holds a run"), (a_file, "is a file")):
+        started = time.monotonic()
+        result = eval_cli("--dataset", "aime2024", "--source", str(shared_data), "--output", str(output))
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
+        assert time.monotonic() - started < 60  # no vLLM server was started (that takes minutes)
+
+
+def test_an_empty_run_directory_is_not_a_run(tmp_path: Path) -> None:
+    from mathtool.engine.run_dir import check_output
+
+    (tmp_path / "trajectories.jsonl").write_text("")  # a run that failed before its first trajectory
+    check_output(tmp_path, resume=False)
+    (tmp_path / "trajectories.jsonl").write_text('{"problem_id": "p", "sample": 0}\n')
+    with pytest.raises(ConfigError, match="already holds a run"):
+        check_output(tmp_path, resume=False)

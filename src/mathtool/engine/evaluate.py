@@ -12,7 +12,7 @@ from typing import Any
 from mathtool.agent.chat_format import chat_setup, load_tokenizer
 from mathtool.agent.loop import AgentConfig
 from mathtool.data import load_problems
-from mathtool.engine.run_dir import RunDir
+from mathtool.engine.run_dir import RunDir, check_output
 from mathtool.engine.runner import evaluate
 from mathtool.engine.settings import EvalSettings
 from mathtool.llm.base import SamplingParams
@@ -53,6 +53,7 @@ async def run_eval(settings: EvalSettings) -> tuple[dict[str, Any], Path]:
     """Run an evaluation to the end (or resume one); returns (metrics, run directory)."""
     problems = load_problems(settings.dataset, source=settings.source)[: settings.limit]
     output = Path(settings.output) if settings.output else default_output(settings)
+    check_output(output, settings.resume)  # before any server starts
     with model_server(settings) as (urls, model, tokenizer_source):
         async with await OpenAIBackend.connect(urls, model, request_timeout_s=settings.request_timeout_s) as llm:
             tokenizer = load_tokenizer(tokenizer_source) if llm.supports_token_ids else None

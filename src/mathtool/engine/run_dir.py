@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +41,29 @@ def _cut_torn_tail(path: Path) -> None:
             f.truncate(len(keep))
 
 
+def check_output(path: Path, resume: bool) -> None:
+    """Refuse an output directory that cannot take this run, before any slow work: a file, a directory that
+    already holds trajectories (without --resume), one that cannot be written. An empty trajectories file
+    (a run that failed before its first trajectory) is not a run."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--output {path} is a file, not a directory; pick another --output")
+    trajectories = path / TRAJECTORIES_FILE
+    if trajectories.is_file() and trajectories.stat().st_size > 0 and not resume:
+        raise ConfigError(f"{path} already holds a run; add --resume to continue it, or pick another --output")
+    existing = next((p for p in [path, *path.parents] if p.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write to {existing}; pick another --output")
+
+
 class RunDir:
     def __init__(self, path: Path, config: dict[str, Any], resume: bool):
         self.path = path
         self.trajectories_path = path / TRAJECTORIES_FILE
-        if self.trajectories_path.exists() and not resume:
-            raise ConfigError(f"{path} already holds a run; add --resume to continue it, or pick another --output")
-        path.mkdir(parents=True, exist_ok=True)
+        check_output(path, resume)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot create {path} ({e.strerror}); pick another --output") from None
         config_path = path / CONFIG_FILE
         old = json.loads(config_path.read_text()) if config_path.exists() else None
         if resume and self.trajectories_path.exists():
