@@ -48,11 +48,21 @@ def grade(response: str, ground_truth: str | int, timeout_s: float = DEFAULT_TIM
     extracted, why_none = find_final_answer(response)
     if extracted is None:
         return GradeResult(None, False, why_none)
-    gold = normalize_gold(ground_truth)
+    reason = _compare(normalize_gold(ground_truth), extracted, timeout_s)
+    return GradeResult(extracted, reason == EQUIVALENT, reason)
+
+
+def same_answer(reference: str, answer: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
+    """True if two final answers (contents of \\boxed{}) are one value by grade()'s rules, with `reference`
+    in the place of the ground truth: `\\frac{1}{2}` and `0.5` are one answer. Undecided in time: False."""
+    return _compare(normalize_gold(reference), answer, timeout_s) == EQUIVALENT
+
+
+def _compare(gold: str, extracted: str, timeout_s: float) -> str:
+    """The reason string for `extracted` against the normalized ground truth `gold`."""
     answer = normalize_answer(extracted, gold)
     verdict = quick_verdict(answer, gold)
-    reason = _compare_in_worker(gold, answer, timeout_s) if verdict is None else _reason(verdict)
-    return GradeResult(extracted, reason == EQUIVALENT, reason)
+    return _compare_in_worker(gold, answer, timeout_s) if verdict is None else _reason(verdict)
 
 
 async def grade_async(response: str, ground_truth: str | int, timeout_s: float = DEFAULT_TIMEOUT_S) -> GradeResult:
