@@ -12,19 +12,21 @@ from __future__ import annotations
 
 import re
 from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from statistics import fmean
 from typing import Any
 
 from rich.table import Table
 
+from mathtool.grading.grader import pool_size
 from mathtool.metrics.majority import Vote, maj_at_k, vote
 from mathtool.metrics.pass_at_k import pass_at_k, pass_k_values
-from mathtool.metrics.uncertainty import METHOD, RESAMPLES, Estimate, bootstrap
+from mathtool.metrics.uncertainty import METHOD, Estimate, bootstrap
 
 ERROR_TERMINATION = "error"  # mathtool.agent.trajectory.ERROR
 SCORE_NAME = re.compile(r"^(pass|maj)@\d+$")
-UNCERTAINTY_NOTE = f"± standard error [95% interval]: bootstrap over problems ({RESAMPLES} resamples)"
+UNCERTAINTY_NOTE = "± standard error [95% interval], bootstrap over problems"
 
 
 @dataclass(frozen=True)
@@ -71,9 +73,14 @@ def group_by_problem(trajectories: list[dict[str, Any]]) -> dict[str, list[dict[
 
 
 def per_problem_rows(trajectories: list[dict[str, Any]]) -> list[ProblemRow]:
-    """The per-problem table: id, n, correct count, pass@1, mean tool calls, mean response tokens."""
+    """The per-problem table: id, n, correct count, pass@1, mean tool calls, mean response tokens, and the
+    vote (problems are voted on in parallel: grouping answers may wait on the grader's workers)."""
+    problems = group_by_problem(trajectories)
+    ballots = [[(r.get("extracted_answer"), is_correct(r)) for r in records] for records in problems.values()]
+    with ThreadPoolExecutor(max_workers=pool_size(), thread_name_prefix="mathtool-vote") as threads:
+        votes = list(threads.map(vote, ballots))
     rows = []
-    for pid, records in group_by_problem(trajectories).items():
+    for (pid, records), problem_vote in zip(problems.items(), votes, strict=True):
         correct = sum(is_correct(r) for r in records)
         rows.append(ProblemRow(
             problem_id=pid,
@@ -83,7 +90,7 @@ def per_problem_rows(trajectories: list[dict[str, Any]]) -> list[ProblemRow]:
             mean_tool_calls=fmean(int(r.get("num_tool_calls") or 0) for r in records),
             mean_response_tokens=fmean(int(r.get("response_tokens") or 0) for r in records),
             ground_truth=str(records[0].get("ground_truth") or ""),
-            vote=vote([(r.get("extracted_answer"), is_correct(r)) for r in records]),
+            vote=problem_vote,
         ))
     return rows
 
