@@ -120,7 +120,8 @@ def test_compare_two_real_runs_warns_about_their_settings(real_runs: dict[str, P
             assert score_cell(metrics, name) in result.stdout and score_cell(metrics, name) in page, name
         # Both ran the same two problems, so the mean of the paired differences is b's score minus a's.
         assert f"{b[name] - a[name]:+.4f} ±" in result.stdout, name
-    assert "b - a (paired)" in result.stdout and "paired over the 2 problems both runs ran" in result.stdout
+    assert "difference (paired)" in result.stdout
+    assert "difference: b - a, problem by problem over the 2 problems both runs ran" in result.stdout
     assert "right in b only (majority vote):" in result.stdout and "runs differ in temperature" in page
 
 
@@ -131,9 +132,11 @@ def test_compare_warns_when_the_problems_differ(real_runs: dict[str, Path]) -> N
     assert hashes[0] != hashes[1] and all(len(h) == 64 for h in hashes)
     result = mathtool("compare", str(real_runs["a"]), str(real_runs["c"]))
     assert result.returncode == 0, result.stderr
-    assert result.stderr.splitlines() == [f"warning: runs differ in dataset_sha256 (a: {hashes[0]}, c: {hashes[1]})",
-                                          "warning: runs differ in their problems (a: 2, c: 1; 1 in common)"]
-    assert "paired over the 1 problems both runs ran" in result.stdout
+    assert result.stderr.splitlines() == [
+        f"warning: runs differ in dataset_sha256 (a: {hashes[0][:12]}, c: {hashes[1][:12]})",
+        "warning: runs differ in their problems (a: 2, c: 1; 1 in common)",
+    ]
+    assert "over the 1 problems both runs ran" in result.stdout
 
 
 @pytest.mark.server
@@ -145,4 +148,6 @@ def test_report_of_a_real_run_shows_metrics_json_and_is_the_same_when_rerun(real
     metrics = metrics_of(real_runs["a"])
     low, high = metrics["pass@1_ci95"]
     assert f"{score_cell(metrics, 'pass@1')} [{low:.4f}, {high:.4f}]" in runs[0].stdout
-    assert score_cell(metrics, "maj@2") in (real_runs["a"] / "report.html").read_text()
+    page = (real_runs["a"] / "report.html").read_text()
+    value, stderr = metrics["maj@2"], metrics["maj@2_stderr"]
+    assert f"<th>maj@2</th><td class='num'>{value:.4f}</td><td class='num'>{stderr:.4f}</td>" in page

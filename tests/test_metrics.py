@@ -342,3 +342,17 @@ def test_report_shows_intervals_majority_and_agreement(tmp_path: Path) -> None:
     assert "bootstrap over problems" in markdown and "bootstrap over problems" in page
     assert f"<td class='num'>{m['pass@1_stderr']:.4f}</td><td class='num'>[{m['pass@1_ci95'][0]:.4f}," in page
     assert "<code>\\frac{1}{2}</code></td><td class='num'>2/4 (0.50)</td>" in page
+
+
+@pytest.mark.slow
+def test_answers_the_grader_cannot_compare_in_time_cost_one_timeout_each() -> None:
+    from mathtool.grading import same_answer
+    from mathtool.metrics.majority import GROUPING_TIMEOUT_S, vote
+
+    towers = ["9^{9^{9^{9^{9}}}}", "8^{8^{8^{8^{8}}}}", "7^{7^{7^{7^{7}}}}"]
+    assert same_answer(towers[0], towers[1], GROUPING_TIMEOUT_S) is None  # undecided in time
+    assert same_answer("5", "5.0") is True
+    # towers[1] times out against towers[0]: both retire. towers[2] meets no one to compare with; "5"
+    # times out against it: both retire. The second "5" joins by its text; "5.0" meets only retired groups.
+    result = vote([(a, False) for a in [*towers, "5", "5", "5.0"]])
+    assert result.groups == (0, 1, 2, 3, 3, 4)

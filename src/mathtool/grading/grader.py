@@ -52,10 +52,12 @@ def grade(response: str, ground_truth: str | int, timeout_s: float = DEFAULT_TIM
     return GradeResult(extracted, reason == EQUIVALENT, reason)
 
 
-def same_answer(reference: str, answer: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
-    """True if two final answers (contents of \\boxed{}) are one value by grade()'s rules, with `reference`
-    in the place of the ground truth: `\\frac{1}{2}` and `0.5` are one answer. Undecided in time: False."""
-    return _compare(normalize_gold(reference), answer, timeout_s) == EQUIVALENT
+def same_answer(reference: str, answer: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool | None:
+    """Whether two final answers (contents of \\boxed{}) are one value by grade()'s rules, with `reference`
+    in the place of the ground truth: `\\frac{1}{2}` and `0.5` are one answer. None: not decided within
+    `timeout_s` (or the grader failed)."""
+    reason = _compare(normalize_gold(reference), answer, timeout_s)
+    return None if reason in (TIMEOUT, GRADER_ERROR) else reason == EQUIVALENT
 
 
 def _compare(gold: str, extracted: str, timeout_s: float) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ MEANING_KEYS = ("dataset", "dataset_sha256", "model", "chat_template", "tool_for
                 "n_samples", "temperature", "top_p")
 OPTIONAL_KEYS = frozenset({"dataset_sha256", "chat_template"})
 LONG_VALUE = 40  # longer values (a chat template) are shown by their hash
+SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,10 @@ def run_labels(run_dirs: list[Path]) -> list[str]:
 
 
 def _shown(value: Any) -> str:
+    """A config value for a warning line: a sha256 by its first 12 digits, other long text by its hash's."""
     text = value if isinstance(value, str) else json.dumps(value, default=str)
+    if SHA256.fullmatch(text):
+        return text[:12]
     if len(text) > LONG_VALUE:
         return f"sha256:{hashlib.sha256(text.encode()).hexdigest()[:12]}"
     return text
@@ -132,9 +137,7 @@ def format_difference(estimate: Estimate | None) -> str:
     return f"{estimate.mean:+.4f} ± {estimate.stderr:.4f} [{low:+.4f}, {high:+.4f}]"
 
 
-def difference_label(comparison: Comparison) -> str:
-    first, second = comparison.runs
-    return f"{second.label} - {first.label}"
+DIFFERENCE_HEADER = "difference (paired)"
 
 
 def all_score_names(comparison: Comparison) -> list[str]:
@@ -147,7 +150,7 @@ def comparison_table(comparison: Comparison) -> Table:
     """Rows: pass@k and maj@k; columns: each run ('value ± stderr' over its 95% interval), then the difference."""
     table = Table("metric", *(run.label for run in comparison.runs), caption=UNCERTAINTY_NOTE)
     if comparison.differences:
-        table.add_column(f"{difference_label(comparison)} (paired)")
+        table.add_column(DIFFERENCE_HEADER)
     for name in all_score_names(comparison):
         cells = [format_score(run.metrics, name) if name in run.metrics else "-" for run in comparison.runs]
         if comparison.differences:
@@ -162,8 +165,8 @@ def comparison_lines(comparison: Comparison) -> list[str]:
         return []
     first, second = comparison.runs
     return [
-        f"paired over the {len(comparison.common)} problems both runs ran; an interval that holds 0 is no "
-        "evidence of a difference",
+        f"difference: {second.label} - {first.label}, problem by problem over the {len(comparison.common)} "
+        "problems both runs ran; an interval that holds 0 is no evidence of a difference",
         f"right in {second.label} only (majority vote): {_problem_list(comparison.gained)}",
         f"right in {first.label} only (majority vote): {_problem_list(comparison.lost)}",
     ]

@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from mathtool.metrics.compare import (
+    DIFFERENCE_HEADER,
     Comparison,
     all_score_names,
     comparison_lines,
-    difference_label,
     format_difference,
 )
 from mathtool.metrics.html_page import page_html, run_info, uncertainty_note
@@ -42,7 +42,7 @@ def _runs_html(comparison: Comparison) -> str:
 def _scores_html(comparison: Comparison) -> str:
     headers = [run.label for run in comparison.runs]
     if comparison.differences:
-        headers.append(f"{difference_label(comparison)} (paired)")
+        headers.append(DIFFERENCE_HEADER)
     head = "<tr><th>metric</th>" + "".join(f"<th>{_e(h)}</th>" for h in headers) + "</tr>"
     body = ""
     for name in all_score_names(comparison):

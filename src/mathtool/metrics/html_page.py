@@ -43,7 +43,7 @@ details { margin: .3rem 0; } details.trajectory > summary { cursor: pointer; pad
 .msg.tool .role { color: #c0a8ff; }
 .error { color: #cf222e; white-space: pre-wrap; }
 .note { color: #555; font-size: .85rem; max-width: 60rem; }
-td.answer { max-width: 14rem; overflow-wrap: anywhere; }
+td.answer { max-width: 14rem; overflow-wrap: anywhere; } tr > td:first-child { white-space: nowrap; }
 .histograms { display: flex; flex-wrap: wrap; gap: 1rem; } .histograms img.plot { max-width: calc(50% - .5rem); }
 table.sortable th { cursor: pointer; user-select: none; } table.sortable th:hover { background: #e6e6e6; }
 button { margin: 0 .4rem .4rem 0; }

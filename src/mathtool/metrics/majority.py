@@ -3,7 +3,9 @@
 - Groups: a problem's samples are taken in sample order; an answer joins the first group whose
   representative (its first answer) the grader finds equal to it (`same_answer`, the representative in
   the place of the ground truth), else it starts a new group. `\\frac{1}{2}` and `0.5` are one group.
-  Identical strings are grouped without the grader. Samples without a final answer do not vote.
+  Identical strings are grouped without the grader. Samples without a final answer do not vote. When
+  the grader cannot decide a pair in time, both answers' groups are compared no more (bounding the cost
+  of pathological answers to one timeout each).
 - Correct: the vote is right when the winning group's representative was graded correct (its reward),
   so no answer is graded twice and the vote agrees with the per-sample grades.
 - Ties: among groups with as many votes, the one voted for first (lowest sample index) wins.
@@ -82,20 +84,37 @@ def vote(samples: Sequence[tuple[str | None, bool]]) -> Vote:
     answers: list[str] = []
     correct: list[bool] = []
     known: dict[str, int] = {}
+    retired: set[int] = set()  # groups whose answers cost a grader timeout: joined only by identical text
     for answer, is_right in samples:
         text = str(answer).strip() if answer is not None else ""
         if not text:
             groups.append(NO_ANSWER)
             continue
         if text not in known:
-            group = next((g for g, rep in enumerate(answers) if same_answer(rep, text, GROUPING_TIMEOUT_S)), None)
+            group, undecided = _match(text, answers, retired)
             if group is None:
                 group = len(answers)
                 answers.append(text)
                 correct.append(is_right)
+                if undecided is not None:  # one of the two is too costly to compare: compare neither again
+                    retired.update({undecided, group})
             known[text] = group
         groups.append(known[text])
     return Vote(tuple(groups), tuple(answers), tuple(correct))
+
+
+def _match(text: str, answers: list[str], retired: set[int]) -> tuple[int | None, int | None]:
+    """(the first group whose representative the grader finds equal to `text`, or None; the group the
+    grader could not compare it with in time, where the search stopped, or None)."""
+    for group, representative in enumerate(answers):
+        if group in retired:
+            continue
+        same = same_answer(representative, text, GROUPING_TIMEOUT_S)
+        if same is None:
+            return None, group
+        if same:
+            return group, None
+    return None, None
 
 
 @functools.lru_cache(maxsize=64)
