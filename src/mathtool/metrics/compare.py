@@ -38,6 +38,7 @@ MEANING_KEYS = ("dataset", "dataset_sha256", "model", "chat_template", "tool_for
 OPTIONAL_KEYS = frozenset({"dataset_sha256", "chat_template"})
 LONG_VALUE = 40  # longer values (a chat template) are shown by their hash
 SHA256 = re.compile(r"[0-9a-f]{64}")
+DIFFERENCE_HEADER = "difference (paired)"
 
 
 @dataclass(frozen=True)
@@ -135,9 +136,6 @@ def format_difference(estimate: Estimate | None) -> str:
         return "-"
     low, high = estimate.ci95
     return f"{estimate.mean:+.4f} ± {estimate.stderr:.4f} [{low:+.4f}, {high:+.4f}]"
-
-
-DIFFERENCE_HEADER = "difference (paired)"
 
 
 def all_score_names(comparison: Comparison) -> list[str]:
