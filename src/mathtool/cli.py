@@ -92,6 +92,26 @@ def report(
     console.print(f"wrote {markdown} and {page}")
 
 
+@app.command()
+@one_line_errors
+def compare(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Two or more run directories written by `mathtool eval`.")],
+    output: Annotated[Path | None, typer.Option(help="Also write compare.html into this directory.")] = None,
+) -> None:
+    """Compare runs: pass@k and maj@k with intervals; for two runs, the paired difference and flipped problems."""
+    from mathtool.metrics.compare import compare_runs, comparison_lines, comparison_table
+    from mathtool.metrics.compare_page import write_comparison
+
+    comparison = compare_runs(run_dirs)
+    for line in comparison.warnings:
+        err_console.print(f"[yellow]warning:[/] {line}", highlight=False, soft_wrap=True)
+    console.print(comparison_table(comparison))
+    for line in comparison_lines(comparison):
+        console.print(line, highlight=False, soft_wrap=True)
+    if output is not None:
+        console.print(f"wrote {write_comparison(comparison, output)}")
+
+
 @app.command(name="eval")
 @one_line_errors
 def eval_command(

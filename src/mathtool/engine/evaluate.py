@@ -18,6 +18,7 @@ from mathtool.engine.settings import EvalSettings
 from mathtool.llm.base import SamplingParams
 from mathtool.llm.openai_backend import OpenAIBackend
 from mathtool.metrics import compute_metrics
+from mathtool.metrics.run_files import dataset_sha256
 from mathtool.sandbox import PythonSandbox
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,8 @@ async def run_eval(settings: EvalSettings) -> tuple[dict[str, Any], Path]:
             tool_format, chat = chat_setup(tokenizer, settings.chat_template, settings.thinking, settings.tool_format)
             resolved = {**settings.to_json(), "model": llm.model, "base_url": urls, "tool_format": tool_format,
                         "output": str(output), "token_exact": chat is not None,
-                        "context_length": llm.max_model_len, "num_problems": len(problems)}
+                        "context_length": llm.max_model_len, "num_problems": len(problems),
+                        "dataset_sha256": dataset_sha256(problems)}
             run_dir = RunDir(output, resolved, resume=settings.resume)
             agent_config = AgentConfig(
                 tool_format=tool_format,

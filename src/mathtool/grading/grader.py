@@ -93,6 +93,24 @@ def _prepare(response: str, ground_truth: str | int | float) -> GradeResult | _P
     extracted, why_none = find_final_answer(response, max(MAX_ANSWER_CHARS, len(gold)))
     if extracted is None:
         return GradeResult(None, False, why_none)
+    return _judge(extracted, gold)
+
+
+def same_answer(reference: str, answer: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool | None:
+    """Whether two final answers (contents of \\boxed{}) are one value by grade()'s rules, with `reference`
+    in the place of the ground truth: `\\frac{1}{2}` and `0.5` are one answer. None: not decided within
+    `timeout_s` (or the grader failed)."""
+    _check_timeout(timeout_s)
+    gold = normalize_gold(reference)
+    if is_missing(gold):
+        return None
+    prepared = _judge(answer, gold)
+    result = prepared if isinstance(prepared, GradeResult) else _compare(prepared, timeout_s)
+    return None if result.reason in (TIMEOUT, GRADER_ERROR) else result.correct
+
+
+def _judge(extracted: str, gold: str) -> GradeResult | _Pending:
+    """The verdict on an extracted answer against a normalized gold if no worker is needed, else the work."""
     if len(extracted) > MAX_ANSWER_CHARS:  # only ever compared as a string: no parsing
         return GradeResult(extracted, extracted == gold, EQUIVALENT if extracted == gold else TOO_LONG)
     answer, gold = align_angle_units(normalize_answer(extracted, gold), gold)

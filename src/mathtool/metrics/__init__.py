@@ -1,4 +1,5 @@
-"""Unbiased pass@k, run metrics (metrics.json), per-problem tables, and the markdown + HTML report."""
+"""Unbiased pass@k, majority vote (maj@k), their bootstrap uncertainty, run metrics (metrics.json), per-problem
+tables, the markdown + HTML report, and the comparison of runs (`compare`)."""
 
 from mathtool.metrics.pass_at_k import pass_at_k, pass_k_values
 from mathtool.metrics.report import write_report

@@ -1,16 +1,27 @@
 """The self-contained HTML report: inline CSS, base64 plots, every trajectory as an expandable conversation.
 
 All text that came from a model, a dataset or a config goes through `html.escape`: model output is
-untrusted and must never become live markup.
+untrusted and must never become live markup. The page's one script (sortable tables, expand/collapse
+all) is allowed by its hash in the page's Content-Security-Policy, so no other script could run.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import html
 import json
 from typing import Any
 
-from mathtool.metrics.summary import ProblemRow, format_value, group_by_problem, is_correct, summary_rows
+from mathtool.metrics.summary import (
+    ProblemRow,
+    format_value,
+    group_by_problem,
+    is_correct,
+    score_names,
+    summary_rows,
+)
+from mathtool.metrics.uncertainty import RESAMPLES, SEED
 
 SECRET_KEY_PARTS = ("api_key", "apikey", "secret", "password", "authorization")
 
@@ -31,7 +42,47 @@ details { margin: .3rem 0; } details.trajectory > summary { cursor: pointer; pad
 .msg.tool { border-color: #8250df; background: #1e1e2e; color: #e0e0e0; }
 .msg.tool .role { color: #c0a8ff; }
 .error { color: #cf222e; white-space: pre-wrap; }
+.note { color: #555; font-size: .85rem; max-width: 60rem; }
+td.answer { max-width: 14rem; overflow-wrap: anywhere; } tr > td:first-child { white-space: nowrap; }
+.histograms { display: flex; flex-wrap: wrap; gap: 1rem; } .histograms img.plot { max-width: calc(50% - .5rem); }
+table.sortable th { cursor: pointer; user-select: none; } table.sortable th:hover { background: #e6e6e6; }
+button { margin: 0 .4rem .4rem 0; }
 """
+
+# Sortable tables (click a header; again to reverse) and expand/collapse-all buttons. It ends by marking
+# the page, so a headless browser can tell that it ran to the end.
+SCRIPT = """
+document.querySelectorAll("table.sortable").forEach(function (table) {
+  table.querySelectorAll("tr:first-child th").forEach(function (header, column) {
+    header.addEventListener("click", function () {
+      var rows = Array.from(table.querySelectorAll("tr")).slice(1);
+      var up = header.dataset.order !== "up";
+      header.dataset.order = up ? "up" : "down";
+      function key(row) {
+        var text = row.children[column].textContent;
+        var number = parseFloat(text);
+        return isNaN(number) ? text : number;
+      }
+      rows.sort(function (a, b) {
+        var x = key(a), y = key(b);
+        var order = typeof x === typeof y ? (x < y ? -1 : x > y ? 1 : 0) : (typeof x === "number" ? -1 : 1);
+        return up ? order : -order;
+      });
+      rows.forEach(function (row) { table.appendChild(row); });
+    });
+  });
+});
+document.querySelectorAll("button[data-details]").forEach(function (button) {
+  button.addEventListener("click", function () {
+    var open = button.dataset.details === "open";
+    document.querySelectorAll("details.trajectory").forEach(function (d) { d.open = open; });
+  });
+});
+document.documentElement.dataset.script = "ran";
+"""
+SCRIPT_HASH = base64.b64encode(hashlib.sha256(SCRIPT.encode()).digest()).decode()
+CSP = f"default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'sha256-{SCRIPT_HASH}'"
+
 
 
 def _e(value: Any) -> str:
@@ -88,32 +139,70 @@ def _trajectories_html(trajectories: list[dict[str, Any]]) -> str:
     for index, (pid, records) in enumerate(group_by_problem(trajectories).items()):
         body = "\n".join(_trajectory_html(r) for r in records)
         sections.append(f'<section id="problem-{index}"><h3>Problem {_e(pid)}</h3>\n{body}</section>')
-    return "<h2>Trajectories</h2>\n" + "\n".join(sections)
+    buttons = ("<button type='button' data-details='open'>expand all</button>"
+               "<button type='button' data-details='close'>collapse all</button>")
+    return "<h2>Trajectories</h2>\n" + buttons + "\n".join(sections)
 
 
-def _metrics_html(metrics: dict[str, Any]) -> str:
+def uncertainty_note() -> str:
+    return (f"± is the standard error and [low, high] the 95% interval of a bootstrap over problems "
+            f"({RESAMPLES} resamples of the run's problems, seed {SEED}): how far the score could move with "
+            f"another draw of problems and samples. maj@k: the answer most of k samples gave, answers "
+            f"grouped by the grader (ties: the earliest), right if that group's first answer was graded "
+            f"right; averaged over k-sample subsets.")
+
+
+def _scores_html(metrics: dict[str, Any]) -> str:
+    head = "<tr><th>metric</th><th>value</th><th>± stderr</th><th>95% interval</th><th>problems</th></tr>"
+    body = "".join(_score_row(metrics, name) for name in score_names(metrics))
+    return f"<h2>Scores</h2><table>{head}{body}</table><p class='note'>{_e(uncertainty_note())}</p>"
+
+
+def _score_row(metrics: dict[str, Any], name: str) -> str:
+    value, stderr, ci95 = metrics[name], metrics.get(f"{name}_stderr"), metrics.get(f"{name}_ci95")
+    interval = f"[{ci95[0]:.4f}, {ci95[1]:.4f}]" if ci95 else "-"
+    counted = metrics.get("pass@k_num_problems", {}).get(name.split("@")[1], metrics.get("num_problems"))
+    return (f"<tr><th>{_e(name)}</th><td class='num'>{format_value(value)}</td>"
+            f"<td class='num'>{format_value(stderr)}</td><td class='num'>{interval}</td>"
+            f"<td class='num'>{_e(counted)}</td></tr>")
+
+
+def _statistics_html(metrics: dict[str, Any]) -> str:
+    scores = set(score_names(metrics))
     rows = "".join(f"<tr><th>{_e(name)}</th><td class='num'>{_e(value)}</td></tr>"
-                   for name, value in summary_rows(metrics))
-    return f"<h2>Summary</h2><table>{rows}</table>"
+                   for name, value in summary_rows(metrics) if name not in scores)
+    return f"<h2>Run statistics</h2><table>{rows}</table>"
 
 
 def _problems_html(rows: list[ProblemRow]) -> str:
-    head = ("<tr><th>problem</th><th>n</th><th>correct</th><th>pass@1</th><th>mean tool calls</th>"
-            "<th>mean tokens</th><th>ground truth</th></tr>")
-    body = "".join(
-        f"<tr><td><a href='#problem-{i}'>{_e(row.problem_id)}</a></td><td class='num'>{row.n}</td>"
-        f"<td class='num'>{row.correct}</td><td class='num'>{format_value(row.pass_at_1)}</td>"
-        f"<td class='num'>{row.mean_tool_calls:.2f}</td><td class='num'>{row.mean_response_tokens:.1f}</td>"
-        f"<td>{_e(row.ground_truth)}</td></tr>"
-        for i, row in enumerate(rows)
-    )
-    return f"<h2>Per-problem results</h2><table>{head}{body}</table>"
+    head = ("<tr><th>problem</th><th>n</th><th>correct</th><th>pass@1</th><th>majority answer</th>"
+            "<th>agreement</th><th>majority right</th><th>mean tool calls</th><th>mean tokens</th>"
+            "<th>ground truth</th></tr>")
+    body = "".join(_problem_row(index, row) for index, row in enumerate(rows))
+    return (f"<h2>Per-problem results</h2><p class='note'>Click a column to sort. Agreement: the share of "
+            f"the problem's samples that gave its majority answer.</p><table class='sortable'>{head}{body}</table>")
+
+
+def _problem_row(index: int, row: ProblemRow) -> str:
+    winner = row.vote.winner
+    answer = "-" if winner is None else row.vote.answers[winner]
+    verdict = "<span class='ok'>✓</span>" if row.vote.majority_right else "<span class='bad'>✗</span>"
+    agreeing = max(row.vote.counts, default=0)
+    return (f"<tr><td><a href='#problem-{index}'>{_e(row.problem_id)}</a></td><td class='num'>{row.n}</td>"
+            f"<td class='num'>{row.correct}</td><td class='num'>{format_value(row.pass_at_1)}</td>"
+            f"<td class='answer'><code>{_e(answer)}</code></td>"
+            f"<td class='num'>{agreeing}/{row.n} ({row.vote.agreement:.2f})</td><td>{verdict}</td>"
+            f"<td class='num'>{row.mean_tool_calls:.2f}</td><td class='num'>{row.mean_response_tokens:.1f}</td>"
+            f"<td class='answer'>{_e(row.ground_truth)}</td></tr>")
 
 
 def _plots_html(plots: dict[str, str]) -> str:
-    images = "".join(f'<img class="plot" alt="{_e(title)}" src="data:image/png;base64,{data}">'
-                     for title, data in plots.items())
-    return f"<h2>Plots</h2>{images}" if plots else ""
+    """The first plot at full width, the others (histograms) side by side under it."""
+    images = [f'<img class="plot" alt="{_e(title)}" src="data:image/png;base64,{data}">'
+              for title, data in plots.items()]
+    if not images:
+        return ""
+    return f"<h2>Plots</h2>{images[0]}<div class='histograms'>{''.join(images[1:])}</div>"
 
 
 def redact(config: dict[str, Any]) -> dict[str, Any]:
@@ -133,13 +222,19 @@ def run_info(config: dict[str, Any]) -> str:
     return " · ".join(f"{key}: {config[key]}" for key in keys if config.get(key) is not None)
 
 
+def page_html(title: str, body: str) -> str:
+    """A whole self-contained page: nothing loaded from elsewhere, only the page's own script may run."""
+    return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+            f"<meta http-equiv='Content-Security-Policy' content=\"{CSP}\"><title>{_e(title)}</title>"
+            f"<style>{STYLE}</style></head>\n<body>\n{body}\n<script>{SCRIPT}</script>\n</body></html>\n")
+
+
 def render_html(title: str, config: dict[str, Any], metrics: dict[str, Any], rows: list[ProblemRow],
                 trajectories: list[dict[str, Any]], plots: dict[str, str]) -> str:
-    """The whole page as one string, with nothing loaded from elsewhere."""
+    """The report page as one string."""
     body = "\n".join([
         f"<h1>{_e(title)}</h1><p class='run-info'>{_e(run_info(config))}</p>",
-        _config_html(config), _metrics_html(metrics), _plots_html(plots), _problems_html(rows),
-        _trajectories_html(trajectories),
+        _scores_html(metrics), _config_html(config), _statistics_html(metrics), _plots_html(plots),
+        _problems_html(rows), _trajectories_html(trajectories),
     ])
-    return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{_e(title)}</title>"
-            f"<style>{STYLE}</style></head>\n<body>\n{body}\n</body></html>\n")
+    return page_html(title, body)

@@ -10,6 +10,7 @@ from typing import Any
 from mathtool.metrics.summary import ProblemRow
 
 MAX_LABELLED_PROBLEMS = 40  # beyond this, the accuracy plot's x axis shows indices only
+RIGHT_COLOR, WRONG_COLOR = "#55a868", "#4c72b0"
 
 
 def _render(draw: Callable[[Any], None], width: float = 7.0, height: float = 3.2) -> str:
@@ -25,13 +26,22 @@ def _render(draw: Callable[[Any], None], width: float = 7.0, height: float = 3.2
 
 
 def accuracy_plot(rows: list[ProblemRow]) -> str:
+    """pass@1 per problem, easiest first; a bar is green where the majority vote over its samples was right."""
+    from matplotlib.patches import Patch
+
+    ordered = sorted(rows, key=lambda row: -row.pass_at_1)  # stable: ties stay in problem order
+
     def draw(ax: Any) -> None:
-        ax.bar(range(len(rows)), [row.pass_at_1 for row in rows], color="#4c72b0")
-        if len(rows) <= MAX_LABELLED_PROBLEMS:
-            ax.set_xticks(range(len(rows)), [row.problem_id for row in rows], rotation=90, fontsize=7,
+        colors = [RIGHT_COLOR if row.vote.majority_right else WRONG_COLOR for row in ordered]
+        ax.bar(range(len(ordered)), [row.pass_at_1 for row in ordered], color=colors)
+        if len(ordered) <= MAX_LABELLED_PROBLEMS:
+            ax.set_xticks(range(len(ordered)), [row.problem_id for row in ordered], rotation=90, fontsize=7,
                           parse_math=False)  # ids are data, not mathtext
-        ax.set_ylim(0, 1)
-        ax.set(title="Accuracy per problem (pass@1)", xlabel="problem", ylabel="fraction correct")
+        ax.set_ylim(0, 1.05)
+        ax.legend(handles=[Patch(color=RIGHT_COLOR, label="majority vote right"),
+                           Patch(color=WRONG_COLOR, label="majority vote wrong")], fontsize=8, loc="upper left",
+                  bbox_to_anchor=(1.0, 1.0))
+        ax.set(title="pass@1 per problem, easiest to hardest", xlabel="problem", ylabel="pass@1")
 
     return _render(draw, width=max(7.0, min(len(rows) * 0.22, 16.0)))
 
@@ -63,7 +73,7 @@ def report_plots(rows: list[ProblemRow], trajectories: list[dict[str, Any]]) -> 
     tool_calls = [int(r.get("num_tool_calls") or 0) for r in trajectories]
     tokens = [int(r.get("response_tokens") or 0) for r in trajectories]
     return {
-        "Accuracy per problem": accuracy_plot(rows),
+        "pass@1 per problem": accuracy_plot(rows),
         "Tool calls per trajectory": tool_calls_histogram(tool_calls),
         "Response length": response_length_histogram(tokens),
     }

@@ -11,25 +11,40 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from mathtool.metrics.html_page import render_html, run_info
+from mathtool.metrics.html_page import render_html, run_info, uncertainty_note
 from mathtool.metrics.plots import report_plots
 from mathtool.metrics.run_files import load_run
-from mathtool.metrics.summary import ProblemRow, compute_metrics, format_value, per_problem_rows, summary_rows
+from mathtool.metrics.summary import (
+    ProblemRow,
+    compute_metrics,
+    format_score,
+    format_value,
+    per_problem_rows,
+    score_names,
+    summary_rows,
+)
 
 log = logging.getLogger(__name__)
 
 REPORT_STEM = "report"
 
 
-def report_paths(run_dir: Path, overwrite: bool) -> tuple[Path, Path]:
-    """report.md / report.html, or with overwrite=False the first numbered pair where neither exists."""
+def free_paths(directory: Path, stem: str, suffixes: tuple[str, ...], overwrite: bool) -> list[Path]:
+    """<stem><suffix> for each suffix, or with overwrite=False the first numbered set (<stem>-1..., <stem>-2...)
+    where none exists."""
     index = 0
     while True:
-        stem = REPORT_STEM if index == 0 else f"{REPORT_STEM}-{index}"
-        markdown, page = run_dir / f"{stem}.md", run_dir / f"{stem}.html"
-        if overwrite or not (markdown.exists() or page.exists()):
-            return markdown, page
+        name = stem if index == 0 else f"{stem}-{index}"
+        paths = [directory / f"{name}{suffix}" for suffix in suffixes]
+        if overwrite or not any(path.exists() for path in paths):
+            return paths
         index += 1
+
+
+def report_paths(run_dir: Path, overwrite: bool) -> tuple[Path, Path]:
+    """report.md / report.html, or with overwrite=False the first numbered pair where neither exists."""
+    markdown, page = free_paths(run_dir, REPORT_STEM, (".md", ".html"), overwrite)
+    return markdown, page
 
 
 def _md_cell(value: Any) -> str:
@@ -44,14 +59,19 @@ def _md_table(header: list[str], rows: list[list[Any]]) -> list[str]:
 
 def render_markdown(title: str, config: dict[str, Any], metrics: dict[str, Any], rows: list[ProblemRow],
                     html_name: str) -> str:
-    """Summary metrics and the per-problem table; plots and conversations live in the HTML page."""
-    problems = [[r.problem_id, r.n, r.correct, format_value(r.pass_at_1), f"{r.mean_tool_calls:.2f}",
+    """Scores with their intervals, statistics and the per-problem table; plots and conversations live in the
+    HTML page."""
+    scores = score_names(metrics)
+    problems = [[r.problem_id, r.n, r.correct, format_value(r.pass_at_1), r.vote.majority_answer or "-",
+                 f"{r.vote.agreement:.2f}", "yes" if r.vote.majority_right else "no", f"{r.mean_tool_calls:.2f}",
                  f"{r.mean_response_tokens:.1f}", r.ground_truth] for r in rows]
-    lines = [f"# {_md_cell(title)}", "", _md_cell(run_info(config)), "", "## Summary", ""]
-    lines += _md_table(["metric", "value"], [list(row) for row in summary_rows(metrics)])
+    lines = [f"# {_md_cell(title)}", "", _md_cell(run_info(config)), "", "## Scores", ""]
+    lines += _md_table(["metric", "value ± stderr [95% interval]"], [[n, format_score(metrics, n)] for n in scores])
+    lines += ["", uncertainty_note(), "", "## Run statistics", ""]
+    lines += _md_table(["metric", "value"], [list(row) for row in summary_rows(metrics) if row[0] not in scores])
     lines += ["", "## Per-problem results", ""]
-    lines += _md_table(["problem", "n", "correct", "pass@1", "mean tool calls", "mean tokens", "ground truth"],
-                       problems)
+    lines += _md_table(["problem", "n", "correct", "pass@1", "majority answer", "agreement", "majority right",
+                        "mean tool calls", "mean tokens", "ground truth"], problems)
     lines += ["", f"Plots and every trajectory: [{html_name}]({html_name})", ""]
     return "\n".join(lines)
 
@@ -62,7 +82,7 @@ def write_report(run_dir: str | Path, overwrite: bool = False) -> tuple[Path, Pa
     config, trajectories = load_run(run_dir)
     rows = per_problem_rows(trajectories)
     n_samples = int(config.get("n_samples") or max((row.n for row in rows), default=1))
-    metrics = compute_metrics(trajectories, n_samples)
+    metrics = compute_metrics(trajectories, n_samples, rows)
     title = f"mathtool report: {run_dir.resolve().name}"
     markdown_path, html_path = report_paths(run_dir, overwrite)
     page = render_html(title, config, metrics, rows, trajectories, report_plots(rows, trajectories))

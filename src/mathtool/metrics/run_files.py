@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from mathtool.errors import ConfigError
 
@@ -13,6 +15,19 @@ log = logging.getLogger(__name__)
 
 TRAJECTORIES_FILE = "trajectories.jsonl"
 CONFIG_FILE = "config.json"
+
+
+class _ProblemLike(Protocol):
+    id: str
+    problem: str
+    answer: str
+
+
+def dataset_sha256(problems: Iterable[_ProblemLike]) -> str:
+    """A content hash of the problems a run evaluated (ids, statements, answers; order ignored), for
+    config.json's `dataset_sha256`: two runs with the same hash scored the same problems."""
+    rows = sorted(json.dumps([p.id, p.problem, p.answer], ensure_ascii=False) for p in problems)
+    return hashlib.sha256("\n".join(rows).encode("utf-8")).hexdigest()
 
 
 def read_trajectory_records(path: Path) -> list[dict[str, Any]]:

@@ -3,22 +3,30 @@
 Pass@k is averaged over problems. Each problem uses its own n, the number of its trajectories (a run
 that was stopped early may hold fewer than n_samples for some problems); a problem with fewer than k
 trajectories is left out of pass@k's average rather than counted as a guess. `pass@k_num_problems`
-says how many problems each pass@k averages over.
+says how many problems each pass@k averages over; maj@k (see `majority`) averages over the same problems.
+Beside each pass@k and maj@k stand `<name>_stderr` and `<name>_ci95` (a bootstrap over problems, see
+`uncertainty`; the method is recorded under `uncertainty`).
 """
 
 from __future__ import annotations
 
 import re
 from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from statistics import fmean
 from typing import Any
 
 from rich.table import Table
 
+from mathtool.grading.grader import pool_size
+from mathtool.metrics.majority import Vote, maj_at_k, vote
 from mathtool.metrics.pass_at_k import pass_at_k, pass_k_values
+from mathtool.metrics.uncertainty import METHOD, Estimate, bootstrap
 
 ERROR_TERMINATION = "error"  # mathtool.agent.trajectory.ERROR
+SCORE_NAME = re.compile(r"^(pass|maj)@\d+$")
+UNCERTAINTY_NOTE = "± standard error [95% interval], bootstrap over problems"
 
 
 @dataclass(frozen=True)
@@ -32,6 +40,11 @@ class ProblemRow:
     mean_tool_calls: float
     mean_response_tokens: float
     ground_truth: str
+    vote: Vote  # the samples' final answers, grouped by the grader
+
+    def score(self, metric: str, k: int) -> float:
+        """This problem's pass@k or maj@k (metric "pass" or "maj"); needs k <= n."""
+        return pass_at_k(self.n, self.correct, k) if metric == "pass" else maj_at_k(self.vote, k)
 
 
 def is_correct(record: dict[str, Any]) -> bool:
@@ -60,9 +73,14 @@ def group_by_problem(trajectories: list[dict[str, Any]]) -> dict[str, list[dict[
 
 
 def per_problem_rows(trajectories: list[dict[str, Any]]) -> list[ProblemRow]:
-    """The per-problem table: id, n, correct count, pass@1, mean tool calls, mean response tokens."""
+    """The per-problem table: id, n, correct count, pass@1, mean tool calls, mean response tokens, and the
+    vote (problems are voted on in parallel: grouping answers may wait on the grader's workers)."""
+    problems = group_by_problem(trajectories)
+    ballots = [[(r.get("extracted_answer"), is_correct(r)) for r in records] for records in problems.values()]
+    with ThreadPoolExecutor(max_workers=pool_size(), thread_name_prefix="mathtool-vote") as threads:
+        votes = list(threads.map(vote, ballots))
     rows = []
-    for pid, records in group_by_problem(trajectories).items():
+    for (pid, records), problem_vote in zip(problems.items(), votes, strict=True):
         correct = sum(is_correct(r) for r in records)
         rows.append(ProblemRow(
             problem_id=pid,
@@ -72,18 +90,24 @@ def per_problem_rows(trajectories: list[dict[str, Any]]) -> list[ProblemRow]:
             mean_tool_calls=fmean(int(r.get("num_tool_calls") or 0) for r in records),
             mean_response_tokens=fmean(int(r.get("response_tokens") or 0) for r in records),
             ground_truth=str(records[0].get("ground_truth") or ""),
+            vote=problem_vote,
         ))
     return rows
 
 
-def _pass_at_k_metrics(rows: list[ProblemRow], n_samples: int) -> dict[str, Any]:
+def _with_spread(name: str, estimate: Estimate | None) -> dict[str, Any]:
+    if estimate is None:
+        return {name: None, f"{name}_stderr": None, f"{name}_ci95": None}
+    return {name: estimate.mean, f"{name}_stderr": estimate.stderr, f"{name}_ci95": list(estimate.ci95)}
+
+
+def _scores(rows: list[ProblemRow], ks: list[int]) -> dict[str, Any]:
+    """pass@k and maj@k for every k, each with its stderr and 95% interval; problems with n >= k."""
     metrics: dict[str, Any] = {}
-    counts: dict[str, int] = {}
-    for k in pass_k_values(n_samples):
-        values = [pass_at_k(row.n, row.correct, k) for row in rows if row.n >= k]
-        metrics[f"pass@{k}"] = fmean(values) if values else None
-        counts[str(k)] = len(values)
-    metrics["pass@k_num_problems"] = counts
+    for metric in ("pass", "maj"):
+        for k in ks:
+            values = [row.score(metric, k) for row in rows if row.n >= k]
+            metrics.update(_with_spread(f"{metric}@{k}", bootstrap(values)))
     return metrics
 
 
@@ -106,15 +130,21 @@ def _trajectory_stats(trajectories: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def compute_metrics(trajectories: list[dict[str, Any]], n_samples: int) -> dict[str, Any]:
-    """The run's metrics, JSON-ready: pass@1, pass@2, pass@4, ... pass@n_samples, counts, token and
-    tool statistics. A value with nothing to average (an empty run) is None."""
-    rows = per_problem_rows(trajectories)
+def compute_metrics(trajectories: list[dict[str, Any]], n_samples: int,
+                    rows: list[ProblemRow] | None = None) -> dict[str, Any]:
+    """The run's metrics, JSON-ready: pass@1, pass@2, pass@4, ... pass@n_samples and maj@k for the same k,
+    each with its uncertainty; counts, token and tool statistics. A value with nothing to average (an
+    empty run) is None. `rows`: per_problem_rows(trajectories), when the caller has it already."""
+    rows = per_problem_rows(trajectories) if rows is None else rows
+    ks = pass_k_values(n_samples)
     return {
         "num_problems": len(rows),
         "num_trajectories": len(trajectories),
         "n_samples": n_samples,
-        **_pass_at_k_metrics(rows, n_samples),
+        **_scores(rows, ks),
+        "pass@k_num_problems": {str(k): sum(row.n >= k for row in rows) for k in ks},
+        "uncertainty": METHOD,
+        "mean_agreement": fmean(row.vote.agreement for row in rows) if rows else None,
         **_trajectory_stats(trajectories),
     }
 
@@ -128,10 +158,20 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
-def _pass_at_k_shown(metrics: dict[str, Any], key: str) -> str:
-    """A pass@k value, saying over how many problems when some had fewer than k trajectories."""
-    shown = format_value(metrics[key])
-    counted = metrics.get("pass@k_num_problems", {}).get(key.removeprefix("pass@"))
+def score_names(metrics: dict[str, Any]) -> list[str]:
+    """The pass@k and maj@k keys of a metrics dict, in its order."""
+    return [key for key in metrics if SCORE_NAME.match(key)]
+
+
+def format_score(metrics: dict[str, Any], name: str) -> str:
+    """`0.4133 ± 0.0612 [0.2933, 0.5367]`; says over how many problems when some had fewer than k samples."""
+    value, stderr, ci95 = metrics.get(name), metrics.get(f"{name}_stderr"), metrics.get(f"{name}_ci95")
+    if value is None:
+        return "-"
+    shown = f"{value:.4f}"
+    if stderr is not None and ci95:
+        shown += f" ± {stderr:.4f} [{ci95[0]:.4f}, {ci95[1]:.4f}]"
+    counted = metrics.get("pass@k_num_problems", {}).get(name.split("@")[1])
     total = metrics.get("num_problems")
     if counted is not None and total is not None and counted < total:
         shown += f" (over {counted} of {total} problems)"
@@ -139,10 +179,11 @@ def _pass_at_k_shown(metrics: dict[str, Any], key: str) -> str:
 
 
 def summary_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
-    """(name, shown value) pairs: pass@k first, then counts and statistics, then terminations."""
-    pass_keys = [k for k in metrics if k.startswith("pass@") and k != "pass@k_num_problems"]
-    skip = {*pass_keys, "pass@k_num_problems", "termination_counts"}
-    rows = [(key, _pass_at_k_shown(metrics, key)) for key in pass_keys]
+    """(name, shown value) pairs: pass@k and maj@k first, then counts and statistics, then terminations."""
+    scores = score_names(metrics)
+    skip = {*scores, *(f"{n}_stderr" for n in scores), *(f"{n}_ci95" for n in scores), "pass@k_num_problems",
+            "termination_counts", "uncertainty"}
+    rows = [(key, format_score(metrics, key)) for key in scores]
     rows += [(key, format_value(value)) for key, value in metrics.items() if key not in skip]
     rows += [(f"termination: {name}", str(count))
              for name, count in metrics.get("termination_counts", {}).items()]
@@ -151,8 +192,8 @@ def summary_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
 
 def summary_table(metrics: dict[str, Any], title: str = "Results") -> Table:
     """The run's metrics as a two-column rich table, for the CLI."""
-    table = Table("metric", "value", title=title)
+    table = Table("metric", "value", title=title, caption=UNCERTAINTY_NOTE)
     for name, value in summary_rows(metrics):
-        style = "bold" if name.startswith("pass@") else None
+        style = "bold" if SCORE_NAME.match(name) else None
         table.add_row(name, value, style=style)
     return table
