@@ -275,14 +275,17 @@ class OpenAIBackend:
         for attempt in range(self.max_retries + 1):
             endpoint = self._pick(route)
             logger.debug("%s%s for %s", endpoint.root, path, route.key if route else None)
-            await asyncio.sleep(max(0.0, endpoint.down_until - time.monotonic()))
+            endpoint.in_flight += 1  # counted from the pick, so that requests picking together spread out
             try:
+                await asyncio.sleep(max(0.0, endpoint.down_until - time.monotonic()))
                 body = await self._post_once(endpoint, path, payload)
             except _TransientError as exc:
                 error = str(exc)
                 self._mark_failed(endpoint)
                 logger.warning("%s failed (attempt %d/%d): %s", path, attempt + 1, self.max_retries + 1, error)
                 continue
+            finally:
+                endpoint.in_flight -= 1
             endpoint.failures, endpoint.down_until = 0, 0.0
             return body
         raise ServerError(
@@ -291,18 +294,20 @@ class OpenAIBackend:
         )
 
     def _pick(self, route: _Route | None = None) -> _Endpoint:
-        """A sticky route's server while it is healthy; else healthy servers first, least in flight (when
-        all are out, the one back soonest), which a sticky route then keeps."""
+        """A sticky route's server while it is healthy; else the least busy one, which a sticky route keeps."""
         now = time.monotonic()
-        sticky = route is not None and self.sticky
-        if sticky and route.endpoint is not None and route.endpoint.down_until <= now:
-            return route.endpoint
-        endpoint = min(self._endpoints, key=lambda endpoint: (max(endpoint.down_until, now), endpoint.in_flight))
-        if sticky:
+        if route is None or not self.sticky:
+            return self._least_busy(now)
+        if route.endpoint is None or route.endpoint.down_until > now:
+            endpoint = self._least_busy(now)
             if route.endpoint is not None:
                 logger.info("trajectory %s moves from %s to %s", route.key, route.endpoint.root, endpoint.root)
             route.endpoint = endpoint
-        return endpoint
+        return route.endpoint
+
+    def _least_busy(self, now: float) -> _Endpoint:
+        """Healthy servers first, least in flight; when all are out, the one back soonest."""
+        return min(self._endpoints, key=lambda endpoint: (max(endpoint.down_until, now), endpoint.in_flight))
 
     def _mark_failed(self, endpoint: _Endpoint) -> None:
         now = time.monotonic()
@@ -313,13 +318,10 @@ class OpenAIBackend:
         endpoint.down_until = now + backoff * random.uniform(0.5, 1.0)
 
     async def _post_once(self, endpoint: _Endpoint, path: str, payload: dict[str, Any]) -> dict[str, Any]:
-        endpoint.in_flight += 1
         try:
             response = await self._client.post(endpoint.root + path, json=payload)
         except httpx.TransportError as exc:
             raise _TransientError(f"{endpoint.root}: {_describe(exc)}") from exc
-        finally:
-            endpoint.in_flight -= 1
         if response.status_code == 200:
             body = response.json()
             reason = ((body.get("choices") or [{}])[0] or {}).get("finish_reason")
