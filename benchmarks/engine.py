@@ -25,7 +25,8 @@ split across steps, as its default 2048-token step budget does to 16 concurrent 
 given with --base-url needs the same flags. The last line is one JSON object.
 
 Routing case (`--two-servers`, with --max-turns, default 3): two embedded servers are started here and the
-same multi-turn engine trajectories (markdown tool format, the sandbox running the code) run over both,
+same multi-turn engine trajectories (markdown tool format, the sandbox running the code; each AIME problem
+followed by TOOL_HINT, since the 135M model rarely calls the tool unasked) run over both,
 once with sticky routing (each trajectory stays on the server of its first turn) and once with per-turn
 routing (each turn to the least busy server), taking turns going first over --rounds. Both servers' prefix
 caches are emptied before each pass (POST /reset_prefix_cache, with VLLM_SERVER_DEV_MODE=1), so that each
@@ -69,6 +70,7 @@ SEED, TEMPERATURE, TOP_P = 1234, 0.6, 0.95
 WARMUP_TOKENS = 16
 NO_SPLIT_PREFILL = ("--no-enable-chunked-prefill", "--max-num-batched-tokens", "4096")  # see the docstring
 PREFIX_COUNTERS = ("vllm:prefix_cache_hits", "vllm:prefix_cache_queries")
+TOOL_HINT = "\n\nFirst write Python code for this in a ```python block; its output will be shown to you."
 
 Job = tuple[Problem, int]
 
@@ -206,7 +208,7 @@ async def prefix_counters(client: httpx.AsyncClient, roots: list[str]) -> dict[s
 
 async def measure_routing(urls: list[str], args: argparse.Namespace) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(ensure_embedded_model())
-    problems = load_problems(str(args.data / "aime2024.jsonl"))
+    problems = [replace(p, problem=p.problem + TOOL_HINT) for p in load_problems(str(args.data / "aime2024.jsonl"))]
     jobs = make_jobs(problems, args.requests)
     chat = chat_setup(tokenizer, None, None, MARKDOWN)[1]
     roots = [server_root(url) for url in urls]
