@@ -42,8 +42,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -63,7 +62,6 @@ from mathtool.llm.base import SamplingParams
 from mathtool.llm.openai_backend import OpenAIBackend, server_root
 from mathtool.sandbox import PythonSandbox
 from mathtool.serve import embedded_spec, ensure_embedded_model, running_server
-from mathtool.serve.launch import start_server
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SEED, TEMPERATURE, TOP_P = 1234, 0.6, 0.95
@@ -240,24 +238,18 @@ async def measure_routing(urls: list[str], args: argparse.Namespace) -> dict[str
 
 @contextmanager
 def two_embedded_servers() -> Iterator[list[str]]:
-    """Two embedded servers, started side by side, with /reset_prefix_cache (vLLM's dev mode)."""
+    """Two embedded servers, one after the other (in the main thread, so that they die with it), with
+    /reset_prefix_cache (vLLM's dev mode) and a 1 GiB KV cache each (ample for these trajectories)."""
     os.environ.setdefault("VLLM_SERVER_DEV_MODE", "1")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     spec = embedded_spec(port=0)
     spec = replace(spec, extra_args=spec.extra_args + NO_SPLIT_PREFILL)
-    with ThreadPoolExecutor(2) as pool:
-        starts = [pool.submit(start_server, spec) for _ in range(2)]
-    servers = [start.result() for start in starts if start.exception() is None]
-    try:
-        for start in starts:
-            start.result()  # re-raise a failed start (after the other is in `servers`, to be stopped)
-        yield [server.base_url for server in servers]
-    finally:
-        for server in servers:
-            server.stop()
+    with ExitStack() as stack:
+        yield [stack.enter_context(running_server(spec)) for _ in range(2)]
 
 
 def routing_main(args: argparse.Namespace, started: float) -> None:
-    print("starting two embedded vLLM servers (~2-4 min)...", flush=True)
+    print("starting two embedded vLLM servers (~2-6 min)...", flush=True)
     with two_embedded_servers() as urls:
         result = asyncio.run(measure_routing(urls, args))
     print(f"sticky {result['sticky_tok_s']:.1f} tok/s, prefix-cache hits {result['sticky_hit_rate']:.1%}; "
