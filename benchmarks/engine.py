@@ -215,7 +215,7 @@ async def measure_routing(urls: list[str], args: argparse.Namespace) -> dict[str
                              context_length=llm.max_model_len, chat=chat,
                              sampling=SamplingParams(TEMPERATURE, TOP_P, max_tokens=args.max_tokens, seed=SEED))
         warmup = replace(config, max_response_length=WARMUP_TOKENS)  # warms the pools and the grader
-        await routing_pass(jobs[: len(problems)], llm, roots, sandbox, warmup, args.concurrency, sticky=True)
+        await routing_pass(jobs[: args.concurrency], llm, roots, sandbox, warmup, args.concurrency, sticky=True)
         total = {name: dict.fromkeys(("seconds", "tokens", "turns", "hits", "queries"), 0.0)
                  for name in ("sticky", "per_turn")}
         for round_ in range(args.rounds):
