@@ -25,8 +25,8 @@ split across steps, as its default 2048-token step budget does to 16 concurrent 
 given with --base-url needs the same flags. The last line is one JSON object.
 
 Routing case (`--two-servers`, with --max-turns, default 3): two embedded servers are started here and the
-same multi-turn engine trajectories (markdown tool format, the sandbox running the code; each AIME problem
-followed by TOOL_HINT, since the 135M model rarely calls the tool unasked) run over both,
+same multi-turn engine trajectories (markdown tool format, the sandbox running the code; on `tool_problems`,
+products to compute with Python, since the 135M model rarely calls the tool on AIME) run over both,
 once with sticky routing (each trajectory stays on the server of its first turn) and once with per-turn
 routing (each turn to the least busy server), taking turns going first over --rounds. Both servers' prefix
 caches are emptied before each pass (POST /reset_prefix_cache, with VLLM_SERVER_DEV_MODE=1), so that each
@@ -68,7 +68,6 @@ SEED, TEMPERATURE, TOP_P = 1234, 0.6, 0.95
 WARMUP_TOKENS = 16
 NO_SPLIT_PREFILL = ("--no-enable-chunked-prefill", "--max-num-batched-tokens", "4096")  # see the docstring
 PREFIX_COUNTERS = ("vllm:prefix_cache_hits", "vllm:prefix_cache_queries")
-TOOL_HINT = "\n\nFirst write Python code for this in a ```python block; its output will be shown to you."
 
 Job = tuple[Problem, int]
 
@@ -204,10 +203,16 @@ async def prefix_counters(client: httpx.AsyncClient, roots: list[str]) -> dict[s
     return totals
 
 
+def tool_problems(count: int) -> list[Problem]:
+    """Problems that make the embedded model call the tool (several turns per trajectory)."""
+    pairs = [(123456 + 1111 * i, 654321 - 2222 * i) for i in range(count)]
+    return [Problem(f"mul{i}", f"Use Python to compute {a} * {b}. Write the code in a ```python block, then give "
+                    "the final answer in \\boxed{}.", str(a * b)) for i, (a, b) in enumerate(pairs)]
+
+
 async def measure_routing(urls: list[str], args: argparse.Namespace) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(ensure_embedded_model())
-    problems = [replace(p, problem=p.problem + TOOL_HINT) for p in load_problems(str(args.data / "aime2024.jsonl"))]
-    jobs = make_jobs(problems, args.requests)
+    jobs = make_jobs(tool_problems(args.requests), args.requests)
     chat = chat_setup(tokenizer, None, None, MARKDOWN)[1]
     roots = [server_root(url) for url in urls]
     async with await OpenAIBackend.connect(urls) as llm, PythonSandbox(workers=1) as sandbox:
