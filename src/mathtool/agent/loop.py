@@ -127,6 +127,9 @@ class _Run:
 
     def __init__(self, problem: Problem, sample: int, llm: LLMBackend, config: AgentConfig):
         self.problem, self.llm, self.config = problem, llm, config
+        route = getattr(llm, "route", None)  # a multi-server backend keeps a trajectory on one server
+        if route is not None:
+            self.llm = route((problem.id, sample))
         self.traj = Trajectory(problem_id=problem.id, sample=sample, ground_truth=problem.answer)
         self.traj.messages = initial_messages(problem, config.tool_format)
         self.traj.timings = {"generation": 0.0, "tools": 0.0, "grading": 0.0}

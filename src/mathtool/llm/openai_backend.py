@@ -10,6 +10,11 @@ Built on httpx rather than the `openai` client: the token path lives in vLLM's e
 response fields, which the typed client only passes through as untyped extras, and retries and
 spreading over several servers are done here (least in-flight first), so the client's own retry layer
 would only be switched off. One `httpx.AsyncClient` per backend, pooled for hundreds of connections.
+
+Routing: `route(key)` hands out a per-trajectory view of the backend. With `sticky=True` (the default) a
+view sends its first request to the least busy healthy server and every later one to the same server, so
+that the server finds the conversation so far in its prefix cache; if that server fails, the view moves
+to a healthy one and stays there. With `sticky=False` every request goes to the least busy server.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +80,7 @@ class OpenAIBackend:
         backoff_s: float = 0.5,
         api_key: str | None = None,
         extra_body: dict[str, Any] | None = None,
+        sticky: bool = True,
     ) -> None:
         if not base_urls:
             raise ServerError("no model server URL given; pass --base-url or let the embedded server start")
@@ -84,6 +90,7 @@ class OpenAIBackend:
         self.max_model_len = max_model_len
         self.max_retries = max_retries
         self.backoff_s = backoff_s
+        self.sticky = sticky  # keep each routed trajectory on the server of its first request
         self.server_kind = ""  # /v1/models' owned_by: vllm, sglang, ... (set by probe)
         self.extra_body = dict(extra_body or {})  # server-specific fields added to every generation request
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
@@ -190,7 +197,13 @@ class OpenAIBackend:
 
     # --- generation ------------------------------------------------------------------------------
 
-    async def complete_tokens(self, prompt_ids: list[int], params: SamplingParams) -> Completion:
+    def route(self, key: Hashable) -> RoutedBackend:
+        """A view of this backend for one trajectory (`key`, e.g. its (problem id, sample)): with `sticky`,
+        all of its requests go to one server while that server stays healthy."""
+        return RoutedBackend(self, key)
+
+    async def complete_tokens(self, prompt_ids: list[int], params: SamplingParams,
+                              route: _Route | None = None) -> Completion:
         """Continue `prompt_ids`. `max_tokens` is clamped to the context left (when known); with no
         room left this returns an empty completion with finish_reason "length"."""
         room = params.max_tokens if self.max_model_len is None else self.max_model_len - len(prompt_ids)
@@ -206,7 +219,7 @@ class OpenAIBackend:
         }
         if params.stop:  # keep the stop string, so that the text is what the token ids decode to
             payload["include_stop_str_in_output"] = True
-        choice = (await self._post("/v1/completions", payload))["choices"][0]
+        choice = (await self._post("/v1/completions", payload, route))["choices"][0]
         ids = choice.get("token_ids")
         logprobs = (choice.get("logprobs") or {}).get("token_logprobs")
         if ids is None or logprobs is None or len(ids) != len(logprobs):
@@ -222,7 +235,7 @@ class OpenAIBackend:
         )
 
     async def complete_chat(self, messages: list[dict], params: SamplingParams, tools: list[dict] | None = None,
-                            template_kwargs: dict | None = None) -> Completion:
+                            template_kwargs: dict | None = None, route: _Route | None = None) -> Completion:
         """Chat completions. With `tools`, a server run with a tool-call parser (vLLM `--enable-auto-tool-choice
         --tool-call-parser hermes`) answers with `message.tool_calls`; others leave the calls in the text."""
         payload = {"model": self.model, "messages": messages, **self._sampling(params, params.max_tokens)}
@@ -230,7 +243,7 @@ class OpenAIBackend:
             payload["tools"] = tools
         if template_kwargs:
             payload["chat_template_kwargs"] = template_kwargs
-        body = await self._post("/v1/chat/completions", payload)
+        body = await self._post("/v1/chat/completions", payload, route)
         choice = body["choices"][0]
         message = choice["message"]
         return Completion(
@@ -254,20 +267,25 @@ class OpenAIBackend:
 
     # --- transport -------------------------------------------------------------------------------
 
-    async def _post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
-        """POST to the least busy healthy server. A transient failure takes that server out of rotation
-        for a backoff that doubles with each failure in a row; the request retries at once on another
-        server, or waits for the first to come back when all are out."""
+    async def _post(self, path: str, payload: dict[str, Any], route: _Route | None = None) -> dict[str, Any]:
+        """POST to the route's server (sticky), else to the least busy healthy server. A transient failure
+        takes that server out of rotation for a backoff that doubles with each failure in a row; the request
+        retries at once on another server (which the route then keeps), or waits for the first to come
+        back when all are out."""
         for attempt in range(self.max_retries + 1):
-            endpoint = self._pick()
-            await asyncio.sleep(max(0.0, endpoint.down_until - time.monotonic()))
+            endpoint = self._pick(route)
+            logger.debug("%s%s for %s", endpoint.root, path, route.key if route else None)
+            endpoint.in_flight += 1  # counted from the pick, so that requests picking together spread out
             try:
+                await asyncio.sleep(max(0.0, endpoint.down_until - time.monotonic()))
                 body = await self._post_once(endpoint, path, payload)
             except _TransientError as exc:
                 error = str(exc)
                 self._mark_failed(endpoint)
                 logger.warning("%s failed (attempt %d/%d): %s", path, attempt + 1, self.max_retries + 1, error)
                 continue
+            finally:
+                endpoint.in_flight -= 1
             endpoint.failures, endpoint.down_until = 0, 0.0
             return body
         raise ServerError(
@@ -275,9 +293,20 @@ class OpenAIBackend:
             f"(last: {error}); check the server is running (see its log) and restart it"
         )
 
-    def _pick(self) -> _Endpoint:
-        """Healthy servers first, least in flight; when all are out, the one back soonest."""
+    def _pick(self, route: _Route | None = None) -> _Endpoint:
+        """A sticky route's server while it is healthy; else the least busy one, which a sticky route keeps."""
         now = time.monotonic()
+        if route is None or not self.sticky:
+            return self._least_busy(now)
+        if route.endpoint is None or route.endpoint.down_until > now:
+            endpoint = self._least_busy(now)
+            if route.endpoint is not None:
+                logger.info("trajectory %s moves from %s to %s", route.key, route.endpoint.root, endpoint.root)
+            route.endpoint = endpoint
+        return route.endpoint
+
+    def _least_busy(self, now: float) -> _Endpoint:
+        """Healthy servers first, least in flight; when all are out, the one back soonest."""
         return min(self._endpoints, key=lambda endpoint: (max(endpoint.down_until, now), endpoint.in_flight))
 
     def _mark_failed(self, endpoint: _Endpoint) -> None:
@@ -289,13 +318,10 @@ class OpenAIBackend:
         endpoint.down_until = now + backoff * random.uniform(0.5, 1.0)
 
     async def _post_once(self, endpoint: _Endpoint, path: str, payload: dict[str, Any]) -> dict[str, Any]:
-        endpoint.in_flight += 1
         try:
             response = await self._client.post(endpoint.root + path, json=payload)
         except httpx.TransportError as exc:
             raise _TransientError(f"{endpoint.root}: {_describe(exc)}") from exc
-        finally:
-            endpoint.in_flight -= 1
         if response.status_code == 200:
             body = response.json()
             reason = ((body.get("choices") or [{}])[0] or {}).get("finish_reason")
@@ -308,6 +334,40 @@ class OpenAIBackend:
         raise ServerError(message)
 
 
+@dataclass
+class _Route:
+    """One trajectory's routing state: its key and the server it keeps (set at its first request)."""
+
+    key: Hashable
+    endpoint: _Endpoint | None = None
+
+
+class RoutedBackend:
+    """One trajectory's view of an `OpenAIBackend` (an `LLMBackend`): its requests carry its route."""
+
+    def __init__(self, backend: OpenAIBackend, key: Hashable) -> None:
+        self.backend = backend
+        self._route = _Route(key)
+
+    @property
+    def model(self) -> str:
+        return self.backend.model
+
+    @property
+    def supports_token_ids(self) -> bool:
+        return self.backend.supports_token_ids
+
+    @property
+    def server(self) -> str | None:
+        """The root of the server this trajectory keeps (sticky), once it has sent a request."""
+        return self._route.endpoint.root if self._route.endpoint else None
+
+    async def complete_tokens(self, prompt_ids: list[int], params: SamplingParams) -> Completion:
+        return await self.backend.complete_tokens(prompt_ids, params, self._route)
+
+    async def complete_chat(self, messages: list[dict], params: SamplingParams, tools: list[dict] | None = None,
+                            template_kwargs: dict | None = None) -> Completion:
+        return await self.backend.complete_chat(messages, params, tools, template_kwargs, self._route)
 
 
 _ABORTED = ("abort", "error")
