@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -113,3 +116,64 @@ def test_hub_unreachable_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> 
     finally:
         monkeypatch.delenv("HF_ENDPOINT")
         importlib.reload(huggingface_hub.constants)
+
+
+def mathtool(*args: str) -> subprocess.CompletedProcess:
+    """The CLI in a subprocess, with this test's MATHTOOL_HOME."""
+    return subprocess.run([sys.executable, "-m", "mathtool.cli", *args], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "COLUMNS": "250"})
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize(("text", "why"), [
+    ('{"name": "mine", "splits": {"test": {"spl', "cannot be read (Unterminated string"),  # torn
+    ('{"name": "mine"}', "is not a dataset manifest (it needs name, and origin, registered_at, rows"),
+    ('{"name": "mine", "splits": {"test": {"rows": 1}}}', "is not a dataset manifest"),
+])
+def test_a_broken_manifest_is_left_out_of_the_list_and_named(tmp_path: Path, shared_data: Path, text: str,
+                                                             why: str) -> None:
+    prepare("aime2024", shared_data)
+    prepare(str(write_jsonl(tmp_path / "mine.jsonl", [{"problem": "x", "answer": "1"}])))
+    manifest = datasets_dir() / "mine" / "manifest.json"
+    manifest.write_text(text)
+    assert [m["name"] for m in registered()] == ["aime2024"]
+    listing = mathtool("datasets")
+    assert listing.returncode == 0 and "aime2024" in listing.stdout and "mine" not in listing.stdout
+    warning = [line for line in listing.stderr.splitlines() if "WARNING" in line]
+    assert len(warning) == 1 and f"left out: {manifest} {why}" in warning[0], listing.stderr
+    line = one_error_line(mathtool("eval", "--dataset", "mine"))
+    assert line.startswith(f"error: {manifest} {why}")
+    assert line.endswith("; run `mathtool prepare` on the file mine came from again")
+
+
+def test_a_torn_manifest_of_a_known_dataset_is_mended_by_preparing_it_again(shared_data: Path) -> None:
+    prepare("aime2024", shared_data)
+    manifest = datasets_dir() / "aime2024" / "manifest.json"
+    manifest.write_text(manifest.read_text()[:40])
+    with pytest.raises(DatasetError, match=r"manifest.json cannot be read .*; run `mathtool prepare aime2024` again"):
+        load_problems("aime2024")
+    prepare("aime2024", shared_data)
+    assert len(load_problems("aime2024")) == 30
+
+
+@pytest.mark.parametrize("damage", ["torn", "wrong columns", "missing"])
+def test_a_broken_registered_parquet_is_one_line_that_says_prepare_again(shared_data: Path, damage: str) -> None:
+    prepare("aime2024", shared_data)
+    parquet = datasets_dir() / "aime2024" / "test.parquet"
+    if damage == "torn":
+        parquet.write_bytes(parquet.read_bytes()[:-100])
+    elif damage == "wrong columns":
+        pq.write_table(pa.table({"question": ["x"]}), parquet)
+    else:
+        parquet.unlink()
+    line = one_error_line(mathtool("eval", "--dataset", "aime2024"))
+    assert line.startswith(f"error: {parquet} cannot be read (")
+    assert line.endswith("); run `mathtool prepare aime2024` again")
+    prepare("aime2024", shared_data)
+    assert len(load_problems("aime2024")) == 30
+

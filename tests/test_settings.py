@@ -74,3 +74,25 @@ def test_an_empty_run_directory_is_not_a_run(tmp_path: Path) -> None:
     (tmp_path / "trajectories.jsonl").write_text('{"problem_id": "p", "sample": 0}\n')
     with pytest.raises(ConfigError, match="already holds a run"):
         check_output(tmp_path, resume=False)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('{"dataset": "toy", "n_sa', "is not valid JSON (Unterminated string starting at: line 1 column 20)"),
+    ("[1, 2]", "is not a JSON object"),
+])
+def test_a_broken_run_config_is_one_line_naming_it_before_the_server_starts(tmp_path: Path, text: str,
+                                                                           message: str) -> None:
+    import time
+
+    dataset = tmp_path / "toy.jsonl"
+    dataset.write_text('{"problem": "What is 1+1?", "answer": "2"}\n')
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "trajectories.jsonl").write_text('{"problem_id": "p", "sample": 0}\n')
+    (run / "config.json").write_text(text)  # a run killed while an older mathtool wrote it in place
+    started = time.monotonic()
+    result = eval_cli("--dataset", str(dataset), "--output", str(run), "--resume")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0] == f"error: {run / 'config.json'} {message}; repair or delete it"
+    assert time.monotonic() - started < 60  # no vLLM server was started (that takes minutes)

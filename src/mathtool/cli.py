@@ -86,9 +86,9 @@ def report(
     """Write report.md and a self-contained report.html for a run; print its summary."""
     from mathtool.metrics import compute_metrics, load_run, summary_table, write_report
 
+    markdown, page = write_report(run_dir, overwrite=overwrite)  # first: it checks that the run dir is writable
     config, trajectories = load_run(run_dir)
     console.print(summary_table(compute_metrics(trajectories, config.get("n_samples") or 1)))
-    markdown, page = write_report(run_dir, overwrite=overwrite)
     console.print(f"wrote {markdown} and {page}")
 
 
@@ -101,7 +101,10 @@ def compare(
     """Compare runs: pass@k and maj@k with intervals; for two runs, the paired difference and flipped problems."""
     from mathtool.metrics.compare import compare_runs, comparison_lines, comparison_table
     from mathtool.metrics.compare_page import write_comparison
+    from mathtool.paths import check_writable, write_errors
 
+    if output is not None:
+        check_writable(output, "pick another --output")
     comparison = compare_runs(run_dirs)
     for line in comparison.warnings:
         err_console.print(f"[yellow]warning:[/] {line}", highlight=False, soft_wrap=True)
@@ -109,7 +112,8 @@ def compare(
     for line in comparison_lines(comparison):
         console.print(line, highlight=False, soft_wrap=True)
     if output is not None:
-        console.print(f"wrote {write_comparison(comparison, output)}")
+        with write_errors(output, "pick another --output"):
+            console.print(f"wrote {write_comparison(comparison, output)}")
 
 
 @app.command(name="eval")

@@ -8,8 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,27 +22,18 @@ from mathtool.data.sources import (
     read_mirror,
 )
 from mathtool.errors import DatasetError
-from mathtool.paths import mathtool_home
+from mathtool.paths import atomic_write, atomic_write_text, check_writable, mathtool_home, write_errors
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DATASETS = ("aime2024", "deepscaler")
+MANIFEST = "manifest.json"
+ENTRY_KEYS = frozenset({"split", "origin", "rows", "sha256", "registered_at"})
+HOME_FIX = "set MATHTOOL_HOME to a writable directory"
 
 
 def datasets_dir() -> Path:
     return mathtool_home() / "datasets"
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temp file in the same directory, then rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def _write_parquet(problems: list[Problem], path: Path) -> None:
@@ -71,38 +60,78 @@ def register(name: str, problems: list[Problem], split: str, origin: str) -> dic
     """Store `problems` as dataset `name`/`split`; returns the manifest entry."""
     directory = datasets_dir() / name
     parquet = directory / f"{split}.parquet"
-    _atomic_write(parquet, lambda tmp: _write_parquet(problems, tmp))
-    entry = {
-        "split": split,
-        "origin": origin,
-        "rows": len(problems),
-        "sha256": _content_hash(parquet),
-        "registered_at": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
-    manifest = read_manifest(name)
-    manifest["name"] = name
-    manifest.setdefault("splits", {})[split] = entry
-    text = json.dumps(manifest, indent=2)
-    _atomic_write(directory / "manifest.json", lambda tmp: tmp.write_text(text))
+    with write_errors(directory, HOME_FIX):
+        atomic_write(parquet, lambda tmp: _write_parquet(problems, tmp))
+        entry = {
+            "split": split,
+            "origin": origin,
+            "rows": len(problems),
+            "sha256": _content_hash(parquet),
+            "registered_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        manifest = _manifest_to_update(name)
+        manifest["name"] = name
+        manifest.setdefault("splits", {})[split] = entry
+        atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=2))
     log.info("registered %s/%s: %d rows from %s", name, split, len(problems), origin)
     return entry
 
 
+def _manifest_to_update(name: str) -> dict[str, Any]:
+    """The manifest that a new split joins; a broken one is started afresh (its other splits are forgotten)."""
+    try:
+        return read_manifest(name)
+    except DatasetError as e:
+        log.warning("%s; writing a new one", e)
+        return {}
+
+
+def _prepare_hint(name: str) -> str:
+    if name in KNOWN_DATASETS:
+        return f"run `mathtool prepare {name}` again"
+    return f"run `mathtool prepare` on the file {name} came from again"
+
+
 def read_manifest(name: str) -> dict[str, Any]:
-    path = datasets_dir() / name / "manifest.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """Dataset `name`'s manifest ({} where none is registered); one DatasetError line naming the file where it is
+    torn or lacks the keys a manifest has."""
+    path = datasets_dir() / name / MANIFEST
+    if not path.is_file():
+        return {}
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DatasetError(f"{path} cannot be read ({e}); {_prepare_hint(name)}") from None
+    splits = manifest.get("splits") if isinstance(manifest, dict) else None
+    if not isinstance(splits, dict) or not isinstance(manifest.get("name"), str) or not all(
+        isinstance(entry, dict) and ENTRY_KEYS <= entry.keys() for entry in splits.values()
+    ):
+        raise DatasetError(f"{path} is not a dataset manifest (it needs name, and {', '.join(sorted(ENTRY_KEYS))} "
+                           f"per split); {_prepare_hint(name)}")
+    return manifest
 
 
 def registered() -> list[dict[str, Any]]:
-    """Every registered dataset's manifest, by name."""
+    """Every registered dataset's manifest, by name; a broken one is left out with a warning."""
     root = datasets_dir()
     if not root.is_dir():
         return []
-    return [m for d in sorted(root.iterdir()) if (m := read_manifest(d.name))]
+    manifests = []
+    for directory in sorted(root.iterdir()):
+        try:
+            manifest = read_manifest(directory.name)
+        except DatasetError as e:
+            log.warning("left out: %s", e)
+            continue
+        if manifest:
+            manifests.append(manifest)
+    return manifests
 
 
 def prepare(name: str, source: str | Path | None = None) -> dict[str, Any]:
-    """Register a known dataset (from the mirror when given, else the Hub) or a file under its stem."""
+    """Register a known dataset (from the mirror when given, else the Hub) or a file under its stem. The
+    registry is checked to be writable before anything is read or downloaded."""
+    check_writable(datasets_dir(), HOME_FIX)
     path = Path(name).expanduser()
     if path.suffix.lower() in FILE_SUFFIXES and path.exists():
         return register(path.stem, read_file(path), "test", str(path.resolve()))
@@ -117,11 +146,16 @@ def prepare(name: str, source: str | Path | None = None) -> dict[str, Any]:
     return register(name, problems, spec.split, origin)
 
 
-def _read_registered(parquet: Path) -> list[Problem]:
+def _read_registered(name: str, split: str) -> list[Problem]:
     import pyarrow.parquet as pq
 
-    rows = pq.read_table(parquet).to_pylist()
-    return [Problem(r["id"], r["problem"], r["answer"], r["source"], json.loads(r["extra"])) for r in rows]
+    parquet = datasets_dir() / name / f"{split}.parquet"
+    try:
+        rows = pq.read_table(parquet).to_pylist()
+        return [Problem(r["id"], r["problem"], r["answer"], r["source"], json.loads(r["extra"])) for r in rows]
+    except Exception as e:  # pyarrow raises several types for a torn file; a wrong one lacks columns
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise DatasetError(f"{parquet} cannot be read ({reason}); {_prepare_hint(name)}") from None
 
 
 def load_problems(dataset: str, split: str | None = None, source: str | Path | None = None) -> list[Problem]:
@@ -137,11 +171,11 @@ def load_problems(dataset: str, split: str | None = None, source: str | Path | N
     if split is None and len(splits) == 1:
         split = next(iter(splits))
     if split in splits:
-        return _read_registered(datasets_dir() / dataset / f"{split}.parquet")
+        return _read_registered(dataset, split)
     if spec is None:
         raise DatasetError(_unknown_message(dataset))
     prepare(dataset, source)
-    return _read_registered(datasets_dir() / dataset / f"{spec.split}.parquet")
+    return _read_registered(dataset, spec.split)
 
 
 def _unknown_message(name: str) -> str:

@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 from mathtool.agent.trajectory import ERROR
 from mathtool.errors import ConfigError
-from mathtool.metrics.run_files import CONFIG_FILE, TRAJECTORIES_FILE, read_trajectory_records
+from mathtool.metrics.run_files import CONFIG_FILE, TRAJECTORIES_FILE, read_run_config, read_trajectory_records
+from mathtool.paths import atomic_write_text, check_writable, write_errors
 
 log = logging.getLogger(__name__)
 
 METRICS = "metrics.json"
+OUTPUT_FIX = "pick another --output"
+RESUME_FIX = "make room or fix the directory, then rerun with --resume"
 
 
 def _cut_torn_tail(path: Path) -> None:
@@ -43,16 +45,15 @@ def _cut_torn_tail(path: Path) -> None:
 
 def check_output(path: Path, resume: bool) -> None:
     """Refuse an output directory that cannot take this run, before any slow work: a file, a directory that
-    already holds trajectories (without --resume), one that cannot be written. An empty trajectories file
-    (a run that failed before its first trajectory) is not a run."""
+    already holds trajectories (without --resume), an unreadable config.json, a place where no file can be
+    created. An empty trajectories file (a run that failed before its first trajectory) is not a run."""
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--output {path} is a file, not a directory; pick another --output")
     trajectories = path / TRAJECTORIES_FILE
     if trajectories.is_file() and trajectories.stat().st_size > 0 and not resume:
         raise ConfigError(f"{path} already holds a run; add --resume to continue it, or pick another --output")
-    existing = next((p for p in [path, *path.parents] if p.exists()), None)
-    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"cannot write to {existing}; pick another --output")
+    read_run_config(path)
+    check_writable(path, OUTPUT_FIX)
 
 
 class RunDir:
@@ -60,17 +61,14 @@ class RunDir:
         self.path = path
         self.trajectories_path = path / TRAJECTORIES_FILE
         check_output(path, resume)
-        try:
+        old = read_run_config(path)
+        with write_errors(path, OUTPUT_FIX):
             path.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ConfigError(f"cannot create {path} ({e.strerror}); pick another --output") from None
-        config_path = path / CONFIG_FILE
-        old = json.loads(config_path.read_text()) if config_path.exists() else None
-        if resume and self.trajectories_path.exists():
-            _cut_torn_tail(self.trajectories_path)
-            self._check_same_config(old or {}, config)
-        self._write_config(old, config)
-        self._file = self.trajectories_path.open("a", encoding="utf-8")
+            if resume and self.trajectories_path.exists():
+                _cut_torn_tail(self.trajectories_path)
+                self._check_same_config(old or {}, config)
+            self._write_config(old, config)
+            self._file = self.trajectories_path.open("a", encoding="utf-8")
 
     def _check_same_config(self, old: dict[str, Any], config: dict[str, Any]) -> None:
         keys = ("dataset", "model", "tool_format", "max_turns", "max_response_length", "temperature")
@@ -88,7 +86,7 @@ class RunDir:
             if changed:
                 log.warning("%s: updated for this run (%s)", self.path / CONFIG_FILE,
                             ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed))
-        (self.path / CONFIG_FILE).write_text(text)
+        atomic_write_text(self.path / CONFIG_FILE, text)
 
     def records(self) -> list[dict[str, Any]]:
         """Trajectories written so far, the last record per (problem, sample)."""
@@ -99,11 +97,14 @@ class RunDir:
         return {(r["problem_id"], r["sample"]) for r in self.records() if r.get("termination") != ERROR}
 
     def append(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._file.flush()
+        with write_errors(self.trajectories_path, RESUME_FIX):
+            self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self._file.flush()
 
     def write_metrics(self, metrics: dict[str, Any]) -> None:
-        (self.path / METRICS).write_text(json.dumps(metrics, indent=2))
+        with write_errors(self.path / METRICS, RESUME_FIX):
+            atomic_write_text(self.path / METRICS, json.dumps(metrics, indent=2))
 
     def close(self) -> None:
-        self._file.close()
+        with write_errors(self.trajectories_path, RESUME_FIX):
+            self._file.close()

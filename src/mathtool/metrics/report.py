@@ -23,10 +23,12 @@ from mathtool.metrics.summary import (
     score_names,
     summary_rows,
 )
+from mathtool.paths import atomic_write_text, check_writable, write_errors
 
 log = logging.getLogger(__name__)
 
 REPORT_STEM = "report"
+REPORT_FIX = "copy the run directory to a writable place and report the copy"
 
 
 def free_paths(directory: Path, stem: str, suffixes: tuple[str, ...], overwrite: bool) -> list[Path]:
@@ -79,6 +81,7 @@ def render_markdown(title: str, config: dict[str, Any], metrics: dict[str, Any],
 def write_report(run_dir: str | Path, overwrite: bool = False) -> tuple[Path, Path]:
     """Write the markdown and HTML reports of a run directory; returns (markdown path, HTML path)."""
     run_dir = Path(run_dir)
+    check_writable(run_dir, REPORT_FIX)
     config, trajectories = load_run(run_dir)
     rows = per_problem_rows(trajectories)
     n_samples = int(config.get("n_samples") or max((row.n for row in rows), default=1))
@@ -86,7 +89,8 @@ def write_report(run_dir: str | Path, overwrite: bool = False) -> tuple[Path, Pa
     title = f"mathtool report: {run_dir.resolve().name}"
     markdown_path, html_path = report_paths(run_dir, overwrite)
     page = render_html(title, config, metrics, rows, trajectories, report_plots(rows, trajectories))
-    markdown_path.write_text(render_markdown(title, config, metrics, rows, html_path.name), encoding="utf-8")
-    html_path.write_text(page, encoding="utf-8")
+    with write_errors(run_dir, REPORT_FIX):
+        atomic_write_text(markdown_path, render_markdown(title, config, metrics, rows, html_path.name))
+        atomic_write_text(html_path, page)
     log.info("wrote %s and %s (%d trajectories)", markdown_path, html_path, len(trajectories))
     return markdown_path, html_path

@@ -67,13 +67,25 @@ def load_run(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]
     trajectories_path = run_dir / TRAJECTORIES_FILE
     if not trajectories_path.is_file():
         raise ConfigError(f"{run_dir} is not a run directory: it has no {TRAJECTORIES_FILE}")
-    config: dict[str, Any] = {}
-    config_path = run_dir / CONFIG_FILE
-    if config_path.is_file():
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{config_path} is not valid JSON ({e})") from None
-    else:
+    config = read_run_config(run_dir)
+    if config is None:
         log.warning("%s has no %s; reporting without the run's config", run_dir, CONFIG_FILE)
-    return config, read_trajectory_records(trajectories_path)
+    return config or {}, read_trajectory_records(trajectories_path)
+
+
+def read_run_config(run_dir: Path) -> dict[str, Any] | None:
+    """A run directory's config.json, or None where it has none; one ConfigError line naming the file where it
+    cannot be read or is not a JSON object."""
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        return None
+    fix = "repair or delete it"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON ({e.msg}: line {e.lineno} column {e.colno}); {fix}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read {path} ({e}); {fix}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path} is not a JSON object; {fix}")
+    return config

@@ -18,6 +18,7 @@ from mathtool.agent.loop import AgentConfig
 from mathtool.data.problem import Problem
 from mathtool.errors import ConfigError, DatasetError
 from mathtool.llm.base import SamplingParams
+from mathtool.paths import atomic_write_text, check_writable, write_errors
 from mathtool.train.config import ARITHMETIC, EMBEDDED_MODEL, TrainConfig, resolve
 from mathtool.train.curriculum import arithmetic_problems
 from mathtool.train.evaluation import Evaluator
@@ -37,6 +38,7 @@ from mathtool.train.runtime import AgentRuntime
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "train_config.json"
+OUTPUT_FIX = "pick another --output"
 
 
 def train(preset: str | None, config_path: Path | None, overrides: dict[str, Any] | None, output: Path,
@@ -50,14 +52,15 @@ def train(preset: str | None, config_path: Path | None, overrides: dict[str, Any
     config = resolve(preset, config_path, overrides)
     output = Path(output).expanduser()
     checkpoint = resume_checkpoint(output, resume)
+    check_writable(output, OUTPUT_FIX)  # before the model loads
     model, tokenizer = load_policy(config)
     agent_config = agent_settings(config, tokenizer)
     problems = training_problems(config, agent_config.tool_format)
     eval_problems = evaluation_problems(config)
     if _is_main_process():
-        output.mkdir(parents=True, exist_ok=True)
-        (output / CONFIG_FILE).write_text(json.dumps(config.to_json(), indent=2))
-        keep_rows_until(output / METRICS_FILE, _checkpoint_step(checkpoint))
+        with write_errors(output, OUTPUT_FIX):
+            atomic_write_text(output / CONFIG_FILE, json.dumps(config.to_json(), indent=2))
+            keep_rows_until(output / METRICS_FILE, _checkpoint_step(checkpoint))
     with AgentRuntime(config.tool_timeout_s, config.tool_memory_mb, config.tool_isolation) as runtime:
         trainer = build_trainer(config, model, agent_config, problems, eval_problems, runtime, output)
         try:
