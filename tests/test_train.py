@@ -211,6 +211,7 @@ def test_one_step_changes_the_weights_and_writes_metrics(tiny_model_dir: Path, t
         assert key in row, key
     assert row["step"] == 1 and row["tool_calls_mean"] == 1.0 and row["reward_mean"] == pytest.approx(1.0)
     assert row["zero_advantage_groups"] == 0 and row["groups"] == 2
+    assert not {"void_masked", "overlong_penalized", "dynamic_dropped_groups"} & set(row)  # all off by default
     assert (tmp_path / "eval" / "step-000001" / "metrics.json").is_file()
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint-1")  # Hugging Face format
     assert torch.equal(reloaded.model.norm.weight, model.model.norm.weight)
@@ -244,7 +245,8 @@ def test_presets_and_their_yaml_copies_agree() -> None:
     ("preset", "text", "match"),
     [("nope", None, "unknown preset"), (None, "learning_rat: 1", "unknown setting"),
      (None, "max_steps: ten", "max_steps must be an integer"), (None, "generation: tpu", "generation must be one of"),
-     (None, None, "give --preset")],
+     (None, None, "give --preset"), (None, "overlong_buffer: 9000", "overlong_buffer must be"),
+     (None, "dynamic_sampling_max_rounds: 0", "dynamic_sampling_max_rounds must be")],
 )
 def test_bad_settings_are_one_line_config_errors(tmp_path: Path, preset: str | None, text: str | None,
                                                  match: str) -> None:
@@ -326,3 +328,158 @@ def test_evaluation_in_a_vllm_mode_first_syncs_this_steps_weights() -> None:
     assert events == ["sync", "eval 5"] and trainer._last_loaded_step == 5
     monitor.on_step_end(None, SimpleNamespace(global_step=5, max_steps=10), None)  # already in sync: no push
     assert events == ["sync", "eval 5", "eval 5"]
+
+
+# The TIR training algorithms: overlong penalty, void-turn masking, dynamic sampling.
+
+ALGORITHM_PROBLEMS = [Problem("add", "Use Python to compute 20 + 22.", "42"),  # always right: equal rewards
+                      Problem("neg", "Use Python to compute 3 - 10.", "-7"),  # always wrong: equal rewards
+                      Problem("mul", "Use Python to compute 6 * 9.", "54"),  # right and wrong in turn
+                      Problem("half", "Use Python to compute 7 * 8.", "56")]  # right and a void turn in turn
+BEHAVIOUR = {"20 + 22": "right", "3 - 10": "wrong", "6 * 9": "right/wrong", "7 * 8": "right/void"}
+
+
+class BehaviourBackend:
+    """A model scripted per problem (`BEHAVIOUR`): a ```python block, then after its output a boxed answer,
+    right, wrong, or right and wrong in turn; or, in turn, a right answer and a first turn that gives
+    neither code nor answer (a void turn). "In turn" counts per problem, so a group of two gets one of each."""
+
+    model = "scripted"
+    supports_token_ids = True
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.turns: Counter[tuple[str, int]] = Counter()  # (expression, turn) -> calls so far
+
+    async def complete_tokens(self, prompt_ids: list[int], params: SamplingParams) -> Completion:
+        prompt = self.tokenizer.decode(prompt_ids)
+        expression = next(e for e in BEHAVIOUR if e in prompt)
+        first = prompt.count("<|im_start|>assistant") == 1
+        nth = self.turns[expression, first]
+        self.turns[expression, first] += 1
+        choices = BEHAVIOUR[expression].split("/")
+        behaviour = choices[nth % len(choices)]
+        if first:
+            code = f"Let me compute it.\n```python\nprint({expression})\n```"
+            text = "I am not sure." if behaviour == "void" else code
+        else:
+            text = f"The answer is \\boxed{{{eval(expression) if behaviour != 'wrong' else 7}}}."
+        ids = self.tokenizer.encode(text, add_special_tokens=False) + [self.tokenizer.eos_token_id]
+        return Completion(text=text, finish_reason="stop", token_ids=ids, logprobs=[-0.5] * len(ids))
+
+    async def complete_chat(self, messages: list[dict], params: SamplingParams) -> Completion:
+        raise AssertionError("the token path must be used")
+
+
+def test_overlong_penalty_is_dapos_soft_punishment() -> None:
+    from mathtool.train.rewards import overlong_penalty, penalized_overlong, total_reward
+    from mathtool.train.rollout import reward_fields
+
+    # budget 100, buffer 20: no penalty up to 80 tokens, then linear down to -1 at 100
+    trajs = [Trajectory("p", i, response_tokens=n) for i, n in enumerate((10, 80, 81, 90, 100))]
+    fields = reward_fields(trajs)
+    penalty = overlong_penalty(max_length=100, buffer=20)
+    assert penalty(**fields) == [0.0, 0.0, -0.05, -0.5, -1.0]
+    functions, weights = reward_functions(1.0, 0.0, 0.0, (penalty, 0.5))
+    assert [f.__name__ for f in functions] == ["correctness", "overlong"] and weights == [1.0, 0.5]
+    assert total_reward(fields, functions, weights) == [0.0, 0.0, -0.025, -0.25, -0.5]
+    assert penalized_overlong(fields, functions) == 3
+    assert penalized_overlong(fields, reward_functions(1.0, 0.0, 0.0)[0]) is None  # off
+
+
+def test_void_turns_are_counted_by_the_loop_and_masked(tokenizer: Any) -> None:
+    """A turn with neither a runnable tool call nor a final answer is void: the last turn of a stopped
+    trajectory, or a turn whose only call is malformed (the model answers after the error message)."""
+    from mathtool.agent.chat_format import chat_setup
+    from mathtool.agent.loop import AgentConfig, run_agent
+    from mathtool.sandbox import PythonSandbox
+
+    class Replies:
+        model, supports_token_ids = "scripted", True
+
+        def __init__(self, texts: list[str]) -> None:
+            self.texts = texts
+
+        async def complete_tokens(self, prompt_ids: list[int], params: SamplingParams) -> Completion:
+            text = self.texts.pop(0)
+            ids = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
+            return Completion(text=text, finish_reason="stop", token_ids=ids, logprobs=[-0.5] * len(ids))
+
+    call = '<tool_call>\n{"name": "python", "arguments": {"code": "print(6 * 9)"}}\n</tool_call>'
+    scripts = {"stopped": ["I am not sure."],
+               "malformed": ["<tool_call>\n{oops\n</tool_call>", "So \\boxed{54}."],
+               "good": [call, "So \\boxed{54}."]}
+
+    async def run_all() -> dict[str, Trajectory]:
+        tool_format, chat = chat_setup(tokenizer, "qwen3", None, None)
+        config = AgentConfig(tool_format=tool_format, max_turns=3, chat=chat)
+        async with PythonSandbox(timeout_s=5) as sandbox:
+            return {name: await run_agent(PROBLEMS[1], 0, Replies(texts), sandbox, config)
+                    for name, texts in scripts.items()}
+
+    trajs = asyncio.run(run_all())
+    assert {name: (t.termination, t.void_turns, t.reward) for name, t in trajs.items()} == {
+        "stopped": (T.STOPPED, 1, 0.0), "malformed": (T.ANSWERED, 1, 1.0), "good": (T.ANSWERED, 0, 1.0)}
+    order = [trajs["stopped"], trajs["malformed"], trajs["good"]]
+    masked = to_trl(order, MaskPolicy(void_turns=True), eos_id=tokenizer.eos_token_id)["env_mask"]
+    assert [set(m) for m in masked] == [{0}, {0}, {0, 1}]
+    unmasked = to_trl(order, MaskPolicy(), eos_id=tokenizer.eos_token_id)["env_mask"]  # off: as before
+    assert all(1 in m for m in unmasked)
+
+
+def _algorithm_rollout(tokenizer: Any, runtime: Any, problems: list[Problem], max_rounds: int) -> AgentRollout:
+    from mathtool.train.rollout import DynamicSampling
+
+    backend = BehaviourBackend(tokenizer)
+    return AgentRollout(problems, runtime, agent_settings(_config(Path("unused")), tokenizer), lambda trainer: backend,
+                        reward_functions(1.0, 0.5, 0.0), MaskPolicy(void_turns=True), n_parallel=8,
+                        dynamic=DynamicSampling(group_size=2, max_rounds=max_rounds))
+
+
+def test_dynamic_sampling_replaces_equal_reward_groups_in_place(tokenizer: Any, runtime: Any) -> None:
+    add, neg, mul, half = ALGORITHM_PROBLEMS
+    rollout = _algorithm_rollout(tokenizer, runtime, ALGORITHM_PROBLEMS, max_rounds=3)
+    out = rollout([add.problem] * 2 + [mul.problem] * 2, trainer=None)
+    # "add" (all right) is dropped; one missing group at a signal rate of 1/2 draws both other problems
+    # in one round: "half" has signal and takes add's slot, "neg" (all wrong) is dropped too.
+    assert all(len(values) == 4 for values in out.values())
+    stats = rollout.take_stats()
+    assert stats is not None and [r["problem_id"] for r in stats.trajectories] == ["half", "half", "mul", "mul"]
+    assert sorted(out["correct"][:2]) == sorted(out["correct"][2:]) == [0.0, 1.0]
+    assert out["prompt_ids"][0] != out["prompt_ids"][2] and out["prompt_ids"][0] == out["prompt_ids"][1]
+    assert stats.counts == {"dynamic_dropped_groups": 2, "dynamic_dropped_trajectories": 4,
+                            "dynamic_refill_groups": 2, "dynamic_rounds": 1, "dynamic_unfilled_groups": 0,
+                            "void_masked": 1}
+    void = out["num_tool_calls"][:2].index(0)  # half's void trajectory: masked, still in the group
+    assert set(out["env_mask"][void]) == {0} and 1 in out["env_mask"][1 - void]
+
+
+def test_dynamic_sampling_keeps_equal_groups_when_no_problem_is_left(tokenizer: Any, runtime: Any) -> None:
+    add, neg, _, _ = ALGORITHM_PROBLEMS
+    rollout = _algorithm_rollout(tokenizer, runtime, [add, neg], max_rounds=3)
+    out = rollout([add.problem] * 2, trainer=None)
+    assert out["correct"] == [1.0, 1.0]  # the batch stays full: add's group, advantage 0
+    counts = rollout.take_stats().counts
+    assert counts["dynamic_unfilled_groups"] == 1 and counts["dynamic_dropped_groups"] == 1  # neg's group
+    assert counts["dynamic_rounds"] == 1 and counts["dynamic_refill_groups"] == 1
+    with pytest.raises(ConfigError, match="whole groups"):  # a group split across processes cannot be refilled
+        rollout([add.problem, neg.problem], trainer=None)
+
+
+def test_a_step_with_all_three_algorithms_logs_what_they_removed(tiny_model_dir: Path, tokenizer: Any,
+                                                                 runtime: Any, tmp_path: Path) -> None:
+    # TRL picks 2 of the 3 problems; whichever it picks, one equal-reward group is replaced by the third
+    # problem's group or, that one being equal too, kept; "half" ends up in the batch with its void turn.
+    problems = [ALGORITHM_PROBLEMS[i] for i in (0, 1, 3)]
+    config = _config(tiny_model_dir, dynamic_sampling=True, dynamic_sampling_max_rounds=2, mask_void_turns=True,
+                     overlong_buffer=62)  # penalty from 3 tokens on: every trajectory
+    trainer = build_trainer(config, AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                            agent_settings(config, tokenizer), problems, [], runtime, tmp_path)
+    trainer.rollout_func.make_backend = lambda _trainer: BehaviourBackend(tokenizer)
+    trainer.train()
+    row = read_rows(tmp_path / METRICS_FILE)[0]
+    assert row["trajectories"] == 4 and "loss" in row
+    assert (row["dynamic_dropped_groups"], row["dynamic_dropped_trajectories"], row["dynamic_refill_groups"],
+            row["dynamic_rounds"], row["dynamic_unfilled_groups"]) == (1, 2, 1, 1, 1)
+    assert row["zero_advantage_groups"] == row["dynamic_unfilled_groups"]
+    assert row["void_masked"] == 1 and row["masked"] == 1 and row["overlong_penalized"] == 4

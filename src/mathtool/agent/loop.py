@@ -225,6 +225,8 @@ class _Run:
             rest = completion.text[calls[-1].end :] if calls else after_reasoning(completion.text)
             if extract_boxed(rest) is not None:  # a final answer after the last call
                 return T.ANSWERED
+            if all(call.code is None for call in calls):  # no call, or only malformed ones
+                self.traj.void_turns += 1
             if not calls:
                 return T.STOPPED
             if turn == self.config.max_turns - 1:

@@ -23,6 +23,7 @@ class Trajectory:
     error: str | None = None
     num_tool_calls: int = 0
     num_turns: int = 0
+    void_turns: int = 0  # model turns that ended with neither a runnable tool call nor a final answer
     response_tokens: int = 0  # model-generated tokens, all turns
     reward: float = 0.0
     extracted_answer: str | None = None

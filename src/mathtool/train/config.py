@@ -60,6 +60,12 @@ class TrainConfig:
     reward_tool: float = 0.0  # weight of the tool-use reward: the trajectory ran Python at least once
     mask_truncated: bool = True  # no loss on trajectories cut by the token budget or the context
     mask_inexact: bool = True  # no loss on trajectories whose tokens are not exactly what the model saw
+    # TIR training algorithms (off by default; README "Training")
+    mask_void_turns: bool = False  # SimpleTIR: no loss on trajectories with a turn lacking both tool call and answer
+    overlong_buffer: int = 0  # DAPO soft overlong penalty over the last N tokens of max_response_length (0 = off)
+    overlong_penalty: float = 1.0  # its weight: the reward falls by this much at max_response_length
+    dynamic_sampling: bool = False  # DAPO: replace groups whose rewards are all equal by groups of further problems
+    dynamic_sampling_max_rounds: int = 4  # most extra rounds of generation a step for that
     # Generation backend
     generation: str = "transformers"  # transformers (the policy itself), vllm-server, vllm-colocate
     generation_batch_size: int = 32  # transformers: most sequences in one generate call
@@ -183,3 +189,7 @@ def validate(c: TrainConfig) -> None:
         raise ConfigError("temperature must be in (0, 5] and top_p in (0, 1]")
     if c.eval_every < 0:
         raise ConfigError("eval_every must be 0 (never) or a number of steps")
+    if not 0 <= c.overlong_buffer <= c.max_response_length or c.overlong_penalty <= 0:
+        raise ConfigError("overlong_buffer must be 0 (off) to max_response_length, and overlong_penalty above 0")
+    if c.dynamic_sampling_max_rounds < 1:
+        raise ConfigError("dynamic_sampling_max_rounds must be at least 1")

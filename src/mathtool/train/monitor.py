@@ -9,7 +9,15 @@ One row per optimizer step:
 - time: `time_step_s` (wall), `time_rollout_s` (wall, all agent loops), `time_update_s` (the rest:
   logprobs, loss, backward, optimizer), and `time_generation_s`, `time_tools_s`, `time_grading_s`, the
   seconds the trajectories spent in each, summed over trajectories (they overlap one another);
-- `eval_pass@1` (and the other eval metrics) on evaluation steps.
+- `eval_pass@1` (and the other eval metrics) on evaluation steps;
+- what the training algorithms removed, when they are on (all processes): `void_masked` (trajectories
+  kept out of the loss for a void turn), `overlong_penalized` (trajectories the overlong penalty
+  lowered), and for dynamic sampling `dynamic_dropped_groups` / `dynamic_dropped_trajectories` (equal-reward
+  groups generated and not trained on), `dynamic_refill_groups` (groups generated to replace them),
+  `dynamic_rounds` (extra generation rounds, the most of any process) and `dynamic_unfilled_groups`
+  (equal-reward groups left in the batch when the rounds or the problems ran out).
+
+With dynamic sampling the trajectory statistics describe the batch trained on, after the refill.
 """
 
 from __future__ import annotations
@@ -62,6 +70,7 @@ def rollout_metrics(stats: RolloutStats) -> dict[str, Any]:
         "time_generation_s": total("generation_s"),
         "time_tools_s": total("tools_s"),
         "time_grading_s": total("grading_s"),
+        **stats.counts,
     }
 
 

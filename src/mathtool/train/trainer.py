@@ -31,8 +31,8 @@ from mathtool.train.monitor import (
     plot_reward_curve,
     read_rows,
 )
-from mathtool.train.rewards import reward_functions
-from mathtool.train.rollout import AgentRollout, MaskPolicy
+from mathtool.train.rewards import overlong_penalty, reward_functions
+from mathtool.train.rollout import AgentRollout, DynamicSampling, MaskPolicy
 from mathtool.train.runtime import AgentRuntime
 
 log = logging.getLogger(__name__)
@@ -89,10 +89,13 @@ def build_trainer(
     from trl import GRPOTrainer
 
     tokenizer = agent_config.chat.tokenizer  # training always renders on the client (agent_settings)
-    functions, weights = reward_functions(config.reward_correct, config.reward_format, config.reward_tool)
+    overlong = None
+    if config.overlong_buffer:
+        overlong = (overlong_penalty(config.max_response_length, config.overlong_buffer), config.overlong_penalty)
+    functions, weights = reward_functions(config.reward_correct, config.reward_format, config.reward_tool, overlong)
+    masks = MaskPolicy(config.mask_truncated, config.mask_inexact, config.mask_void_turns)
     rollout = AgentRollout(problems, runtime, agent_config, backend_factory(config, tokenizer, runtime),
-                           (functions, weights), MaskPolicy(config.mask_truncated, config.mask_inexact),
-                           config.n_parallel_agents)
+                           (functions, weights), masks, config.n_parallel_agents, dynamic_sampling(config))
     with warnings.catch_warnings():  # rollout_func is marked experimental in TRL 1.16
         warnings.filterwarnings("ignore", message="You are using 'rollout_func'")
         trainer = GRPOTrainer(
@@ -160,6 +163,19 @@ def accumulation_steps(config: TrainConfig) -> int:
         raise ConfigError(f"problems_per_step x rollouts_per_problem ({per_step}) must be a multiple of "
                           f"micro_batch_size x processes ({per_pass})")
     return per_step // per_pass
+
+
+def dynamic_sampling(config: TrainConfig) -> DynamicSampling | None:
+    """The dynamic sampling settings, if on; each process refills its own groups, so each must hold whole ones."""
+    if not config.dynamic_sampling:
+        return None
+    from accelerate import PartialState
+
+    processes = PartialState().num_processes
+    if config.problems_per_step % processes:
+        raise ConfigError(f"dynamic_sampling needs problems_per_step ({config.problems_per_step}) to be a multiple "
+                          f"of the number of processes ({processes}), so that each holds whole groups")
+    return DynamicSampling(config.rollouts_per_problem, config.dynamic_sampling_max_rounds, config.seed)
 
 
 def agent_settings(config: TrainConfig, tokenizer: Any) -> AgentConfig:
