@@ -1,8 +1,9 @@
 """The run directory: `config.json`, `trajectories.jsonl` (append-only), `metrics.json`, reports.
 
 Nothing here is overwritten silently: a directory that already holds trajectories is only reused with
-`resume=True`, a torn last line (a run killed mid-write) is cut off with a warning and redone, and a
-resumed run that changes a setting says so. `metrics.json` is a summary of all the trajectories,
+`resume=True`, a torn last line (a run killed mid-write) is cut off with a warning and redone, a resumed
+run may not change a setting that changes what a trajectory is (`TRAJECTORY_SETTINGS`), and one that
+changes another setting (say n_parallel_agents) says so. `metrics.json` is a summary of all the trajectories,
 recomputed at the end of each run.
 """
 
@@ -21,6 +22,9 @@ from mathtool.metrics.run_files import CONFIG_FILE, TRAJECTORIES_FILE, read_traj
 log = logging.getLogger(__name__)
 
 METRICS = "metrics.json"
+# Settings that change what a trajectory is: resuming with another value would mix two kinds in one run.
+TRAJECTORY_SETTINGS = ("dataset", "model", "token_exact", "tool_format", "chat_template", "thinking", "max_turns",
+                       "max_response_length", "max_prompt_length", "temperature", "top_p", "seed")
 
 
 def _cut_torn_tail(path: Path) -> None:
@@ -55,6 +59,31 @@ def check_output(path: Path, resume: bool) -> None:
         raise ConfigError(f"cannot write to {existing}; pick another --output")
 
 
+def _read_config(path: Path) -> dict[str, Any] | None:
+    config_path = path / CONFIG_FILE
+    if not config_path.is_file():
+        return None
+    try:
+        return json.loads(config_path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"{config_path} cannot be read ({e}); fix or remove it to resume") from None
+
+
+def check_resume(path: Path, settings: dict[str, Any]) -> None:
+    """Refuse to resume the run in `path` with a value of a TRAJECTORY_SETTINGS key other than the one in its
+    config.json (keys missing from either side are not compared). Called with the settings as given before
+    any server starts, and again with the resolved ones (model, token-exactness, tool format)."""
+    trajectories = path / TRAJECTORIES_FILE
+    old = _read_config(path) if trajectories.is_file() and trajectories.stat().st_size > 0 else None
+    if not old:
+        return
+    changed = [k for k in TRAJECTORY_SETTINGS if k in old and k in settings and old[k] != settings[k]]
+    if changed:
+        was = ", ".join(f"{k} {old[k]!r} (now {settings[k]!r})" for k in changed)
+        raise ConfigError(f"{path} was run with {was}: a resumed run must keep what makes a trajectory; "
+                          "resume with the run's settings, or pick another --output")
+
+
 class RunDir:
     def __init__(self, path: Path, config: dict[str, Any], resume: bool):
         self.path = path
@@ -64,19 +93,12 @@ class RunDir:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ConfigError(f"cannot create {path} ({e.strerror}); pick another --output") from None
-        config_path = path / CONFIG_FILE
-        old = json.loads(config_path.read_text()) if config_path.exists() else None
+        old = _read_config(path)
         if resume and self.trajectories_path.exists():
             _cut_torn_tail(self.trajectories_path)
-            self._check_same_config(old or {}, config)
+            check_resume(path, config)
         self._write_config(old, config)
         self._file = self.trajectories_path.open("a", encoding="utf-8")
-
-    def _check_same_config(self, old: dict[str, Any], config: dict[str, Any]) -> None:
-        keys = ("dataset", "model", "tool_format", "max_turns", "max_response_length", "temperature")
-        changed = [k for k in keys if k in old and old.get(k) != config.get(k)]
-        if changed:
-            raise ConfigError(f"{self.path} was run with different {', '.join(changed)}; resume with the same flags")
 
     def _write_config(self, old: dict[str, Any] | None, config: dict[str, Any]) -> None:
         """Write config.json; when it replaces one with other settings that do not affect results (say
