@@ -12,7 +12,7 @@ from typing import Any
 from mathtool.agent.chat_format import chat_setup, load_tokenizer
 from mathtool.agent.loop import AgentConfig
 from mathtool.data import load_problems
-from mathtool.engine.run_dir import RunDir, check_output
+from mathtool.engine.run_dir import RunDir, check_output, check_resume
 from mathtool.engine.runner import evaluate
 from mathtool.engine.settings import EvalSettings
 from mathtool.llm.base import SamplingParams
@@ -45,6 +45,14 @@ def model_server(settings: EvalSettings) -> Iterator[tuple[list[str], str | None
         yield [url], spec.model_name, settings.tokenizer or spec.model
 
 
+def _why_chat_path(llm: OpenAIBackend, tokenizer_source: str | None) -> str:
+    if not llm.supports_token_ids:
+        return f"{llm.model} is not served by vLLM, the one server that takes and returns token ids"
+    if not tokenizer_source:
+        return "the tokenizer is unknown: pass --tokenizer ID|DIR, or --model, for a token-exact run"
+    return f"the tokenizer of {tokenizer_source} could not be loaded"
+
+
 def default_output(settings: EvalSettings) -> Path:
     name = Path(settings.dataset).stem if Path(settings.dataset).suffix else settings.dataset
     return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -55,10 +63,16 @@ async def run_eval(settings: EvalSettings) -> tuple[dict[str, Any], Path]:
     problems = load_problems(settings.dataset, source=settings.source)[: settings.limit]
     output = Path(settings.output) if settings.output else default_output(settings)
     check_output(output, settings.resume)  # before any server starts
+    if settings.resume:
+        given = {k: v for k, v in settings.to_json().items() if not (k in ("model", "tool_format") and v is None)}
+        check_resume(output, given)
     with model_server(settings) as (urls, model, tokenizer_source):
         async with await OpenAIBackend.connect(urls, model, request_timeout_s=settings.request_timeout_s) as llm:
             tokenizer = load_tokenizer(tokenizer_source) if llm.supports_token_ids else None
             tool_format, chat = chat_setup(tokenizer, settings.chat_template, settings.thinking, settings.tool_format)
+            if chat is None:
+                log.warning("using the server's chat completions: trajectories hold text, not token ids (%s)",
+                            _why_chat_path(llm, tokenizer_source))
             resolved = {**settings.to_json(), "model": llm.model, "base_url": urls, "tool_format": tool_format,
                         "output": str(output), "token_exact": chat is not None,
                         "context_length": llm.max_model_len, "num_problems": len(problems),

@@ -1,8 +1,9 @@
 """The run directory: `config.json`, `trajectories.jsonl` (append-only), `metrics.json`, reports.
 
 Nothing here is overwritten silently: a directory that already holds trajectories is only reused with
-`resume=True`, a torn last line (a run killed mid-write) is cut off with a warning and redone, and a
-resumed run that changes a setting says so. `metrics.json` is a summary of all the trajectories,
+`resume=True`, a torn last line (a run killed mid-write) is cut off with a warning and redone, a resumed
+run may not change a setting that changes what a trajectory is (`TRAJECTORY_SETTINGS`), and one that
+changes another setting (say n_parallel_agents) says so. `metrics.json` is a summary of all the trajectories,
 recomputed at the end of each run.
 """
 
@@ -23,6 +24,9 @@ log = logging.getLogger(__name__)
 METRICS = "metrics.json"
 OUTPUT_FIX = "pick another --output"
 RESUME_FIX = "make room or fix the directory, then rerun with --resume"
+# Settings that change what a trajectory is: resuming with another value would mix two kinds in one run.
+TRAJECTORY_SETTINGS = ("dataset", "model", "token_exact", "tool_format", "chat_template", "thinking", "max_turns",
+                       "max_response_length", "max_prompt_length", "temperature", "top_p", "seed")
 
 
 def _cut_torn_tail(path: Path) -> None:
@@ -56,6 +60,21 @@ def check_output(path: Path, resume: bool) -> None:
     check_writable(path, OUTPUT_FIX)
 
 
+def check_resume(path: Path, settings: dict[str, Any]) -> None:
+    """Refuse to resume the run in `path` with a value of a TRAJECTORY_SETTINGS key other than the one in its
+    config.json (keys missing from either side are not compared). Called with the settings as given before
+    any server starts, and again with the resolved ones (model, token-exactness, tool format)."""
+    trajectories = path / TRAJECTORIES_FILE
+    old = read_run_config(path) if trajectories.is_file() and trajectories.stat().st_size > 0 else None
+    if not old:
+        return
+    changed = [k for k in TRAJECTORY_SETTINGS if k in old and k in settings and old[k] != settings[k]]
+    if changed:
+        was = ", ".join(f"{k} {old[k]!r} (now {settings[k]!r})" for k in changed)
+        raise ConfigError(f"{path} was run with {was}: a resumed run must keep what makes a trajectory; "
+                          "resume with the run's settings, or pick another --output")
+
+
 class RunDir:
     def __init__(self, path: Path, config: dict[str, Any], resume: bool):
         self.path = path
@@ -66,15 +85,9 @@ class RunDir:
             path.mkdir(parents=True, exist_ok=True)
             if resume and self.trajectories_path.exists():
                 _cut_torn_tail(self.trajectories_path)
-                self._check_same_config(old or {}, config)
+                check_resume(path, config)
             self._write_config(old, config)
             self._file = self.trajectories_path.open("a", encoding="utf-8")
-
-    def _check_same_config(self, old: dict[str, Any], config: dict[str, Any]) -> None:
-        keys = ("dataset", "model", "tool_format", "max_turns", "max_response_length", "temperature")
-        changed = [k for k in keys if k in old and old.get(k) != config.get(k)]
-        if changed:
-            raise ConfigError(f"{self.path} was run with different {', '.join(changed)}; resume with the same flags")
 
     def _write_config(self, old: dict[str, Any] | None, config: dict[str, Any]) -> None:
         """Write config.json; when it replaces one with other settings that do not affect results (say
