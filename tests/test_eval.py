@@ -6,16 +6,15 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 import warnings
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from server_proxy import CuttableProxy
 
 from mathtool.agent.chat_format import chat_setup
 from mathtool.agent.loop import AgentConfig, run_agent
@@ -102,55 +101,6 @@ def test_mask_is_one_exactly_on_model_tokens(tool_trajectories, tokenizer) -> No
         assert sum(mask) == traj.response_tokens
 
 
-class CuttableProxy:
-    """A TCP relay in front of the real server; `cut()` drops it like a dying server, `start()` brings it back."""
-
-    def __init__(self, target_port: int):
-        self.target_port = target_port
-        self.port = _free_port()
-        self.listener: socket.socket | None = None
-        self.conns: list[socket.socket] = []
-
-    def start(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", self.port))
-        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
-
-    def _accept(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            self.conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=_pipe, args=(a, b), daemon=True).start()
-
-    def cut(self) -> None:
-        self.listener.close()
-        for conn in self.conns:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            conn.close()
-        self.conns = []
-
-
-def _pipe(src: socket.socket, dst: socket.socket) -> None:
-    try:
-        while data := src.recv(65536):
-            dst.sendall(data)
-    except OSError:
-        pass
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def easy_problems(tmp_path: Path) -> Path:
     rows = [{"id": f"add-{i}", "question": f"What is {i} + {i * 3}?", "answer": str(4 * i)} for i in range(1, 4)]
@@ -159,9 +109,9 @@ def easy_problems(tmp_path: Path) -> Path:
     return path
 
 
-def eval_args(url: str, dataset: Path, output: Path) -> list[str]:
-    return ["eval", "--dataset", str(dataset), "--base-url", url, "--n-samples", "4", "--n-parallel-agents", "4",
-            "--max-response-length", "200", "--output", str(output)]
+def eval_args(url: str, dataset: Path, output: Path, n_samples: int = 4) -> list[str]:
+    return ["eval", "--dataset", str(dataset), "--base-url", url, "--n-samples", str(n_samples),
+            "--n-parallel-agents", "4", "--max-response-length", "200", "--output", str(output)]
 
 
 def wait_for_lines(path: Path, count: int, process: subprocess.Popen, timeout: float = 300) -> None:
@@ -206,29 +156,34 @@ def test_resume_after_kill_loses_nothing_and_duplicates_nothing(embedded_server,
     assert "Pass@1" in result.stdout and "Pass@4" in result.stdout
 
 
-def test_server_dying_mid_run_is_recorded_then_resumed(embedded_server, easy_problems, tmp_path) -> None:
+def test_server_dying_mid_run_is_one_line_then_resumed(embedded_server, easy_problems, tmp_path) -> None:
+    """The server dies right after the first trajectory is written (23 of 24 left, 4 in flight): the run stops
+    soon with one line saying to resume, and the resumed run finishes every trajectory exactly once."""
     proxy = CuttableProxy(int(embedded_server.base_url.rsplit(":", 1)[1].split("/")[0]))
     proxy.start()
-    url, out = f"http://127.0.0.1:{proxy.port}/v1", tmp_path / "run"
-    command = [sys.executable, "-m", "mathtool.cli", *eval_args(url, easy_problems, out)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for_lines(out / "trajectories.jsonl", 2, process)
+    out = tmp_path / "run"
+    args = eval_args(proxy.url, easy_problems, out, n_samples=8)
+    process = subprocess.Popen([sys.executable, "-m", "mathtool.cli", *args], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    wait_for_lines(out / "trajectories.jsonl", 1, process)
     proxy.cut()
+    cut_at = time.monotonic()
     _, stderr = process.communicate(timeout=300)  # ends by itself: no hang
-    records = raw_records(out / "trajectories.jsonl")
-    errors = [r for r in records if r["termination"] == "error"]
-    if len(records) < 12 or errors:
-        assert process.returncode != 0
-        assert "Traceback" not in stderr and "error" in stderr.lower()
+    death_to_exit = time.monotonic() - cut_at
+    finished = [r for r in raw_records(out / "trajectories.jsonl") if r["termination"] != "error"]
+    assert len(finished) < 24  # the run was cut while work remained
+    assert process.returncode == 2, stderr
+    assert stderr.strip().splitlines() == [stderr.strip()] and "Traceback" not in stderr, stderr
+    assert stderr.startswith("error:") and f"--resume --output {out}" in stderr and "is gone" in stderr, stderr
+    assert death_to_exit < 5, f"{death_to_exit:.1f} s from the server's death to the run's end"  # was ~7 s
     proxy.start()
-    result = mathtool(*eval_args(url, easy_problems, out), "--resume")
+    result = mathtool(*args, "--resume")
     proxy.cut()
     assert result.returncode == 0, result.stderr
-    final = {(r["problem_id"], r["sample"]): r for r in raw_records(out / "trajectories.jsonl")}
-    assert len(final) == 12 and all(r["termination"] != "error" for r in final.values())
-    finished = Counter((r["problem_id"], r["sample"]) for r in raw_records(out / "trajectories.jsonl")
-                       if r["termination"] != "error")
-    assert set(finished.values()) == {1}
+    records = raw_records(out / "trajectories.jsonl")
+    final = {(r["problem_id"], r["sample"]): r for r in records}
+    assert len(final) == 24 and all(r["termination"] != "error" for r in final.values())
+    assert set(Counter((r["problem_id"], r["sample"]) for r in records if r["termination"] != "error").values()) == {1}
 
 
 def test_unreachable_base_url_is_one_clear_line(easy_problems, tmp_path) -> None:

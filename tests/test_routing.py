@@ -1,5 +1,6 @@
 """Sticky routing over two real vLLM servers: every turn of a trajectory goes to the server of its first
-turn, and a trajectory whose server fails moves to a healthy one and stays there."""
+turn, and a trajectory whose server fails moves to a healthy one and stays there; one server of two dying
+mid-run does not stop the run."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 
 import pytest
+from server_proxy import CuttableProxy
 
 from mathtool.agent.chat_format import chat_setup
 from mathtool.agent.loop import AgentConfig
@@ -100,3 +102,30 @@ def test_a_trajectory_moves_off_a_failed_server_and_stays(embedded_server, caplo
     assert servers[("p", True)] == [server_root(dead), live, live, live]
     assert servers[("p", False)].count(server_root(dead)) >= 2  # per-turn: back to the dead one after its backoff
     assert (sticky_server, unused) == (live, "")
+
+
+def test_one_server_of_two_dying_mid_run_does_not_stop_it(embedded_server, caplog) -> None:
+    """Two servers (the embedded one, and a relay in front of it that dies after the second trajectory): the
+    dead one's trajectories move to the live one and every trajectory finishes."""
+    proxy = CuttableProxy(int(server_root(embedded_server.base_url).rsplit(":", 1)[1]))
+    proxy.start()
+    config = AgentConfig(tool_format=MARKDOWN, max_turns=1, max_response_length=48,
+                         sampling=SamplingParams(temperature=0.8, top_p=0.95))
+    done = []
+
+    def on_done(traj, _) -> None:
+        done.append(traj)
+        if len(done) == 2:
+            proxy.cut()
+
+    async def run() -> None:
+        async with OpenAIBackend([proxy.url, embedded_server.base_url], embedded_server.model) as llm, \
+                PythonSandbox(timeout_s=5) as sandbox:
+            await run_many([(TOOL_PROBLEM, sample) for sample in range(16)], llm, sandbox, config, 8, on_done)
+
+    with caplog.at_level(logging.DEBUG, logger=BACKEND_LOG):
+        asyncio.run(run())
+    servers = served_by(caplog)
+    assert len(done) == 16 and all(traj.error is None for traj in done), [traj.error for traj in done]
+    assert any(roots[:1] == [server_root(proxy.url)] and roots[-1] != roots[0] for roots in servers.values()), \
+        "no trajectory moved off the server that died"

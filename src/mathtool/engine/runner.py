@@ -57,11 +57,12 @@ async def run_many(
     n_parallel: int,
     on_done: Callable[[Trajectory, _Stats], None],
     max_errors_in_a_row: int = 8,
+    resume_hint: str = "rerun with --resume",
 ) -> _Stats:
     """Run `jobs` with `n_parallel` in flight, calling `on_done` as each finishes.
 
     A failed trajectory is passed on with its error. After `max_errors_in_a_row` failures in a row the
-    server is taken to be gone: the run stops with ServerError, and --resume redoes what failed.
+    server is taken to be gone: the run stops with a one-line ServerError ending in `resume_hint`.
     """
     queue: asyncio.Queue[tuple[Problem, int]] = asyncio.Queue()
     for job in jobs:
@@ -78,8 +79,8 @@ async def run_many(
             stats.add(traj)
             on_done(traj, stats)
             if stats.errors_in_a_row >= max_errors_in_a_row:
-                raise ServerError(f"{stats.errors_in_a_row} trajectories failed in a row, last: {traj.error}. "
-                                  "Check the server, then rerun with --resume")
+                raise ServerError(f"{stats.errors_in_a_row} trajectories failed in a row (last: {traj.error}); "
+                                  f"check the server, then {resume_hint}")
 
     workers = [asyncio.create_task(worker()) for _ in range(max(1, min(n_parallel, len(jobs))))]
     try:
@@ -112,4 +113,5 @@ async def evaluate(
             run_dir.append(traj.to_json())
             progress.update(bar, advance=1, info=stats.line())
 
-        return await run_many(jobs, llm, sandbox, agent_config, n_parallel, on_done)
+        return await run_many(jobs, llm, sandbox, agent_config, n_parallel, on_done,
+                              resume_hint=f"rerun with --resume --output {run_dir.path}")

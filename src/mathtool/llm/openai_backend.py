@@ -15,6 +15,11 @@ Routing: `route(key)` hands out a per-trajectory view of the backend. With `stic
 view sends its first request to the least busy healthy server and every later one to the same server, so
 that the server finds the conversation so far in its prefix cache; if that server fails, the view moves
 to a healthy one and stays there. With `sticky=False` every request goes to the least busy server.
+
+Failures: connection trouble, 5xx and 429 are retried (`max_retries`, with backoff). After each one the
+server's /v1/models is checked: a server that does not answer it is gone, and once every server is gone,
+requests fail at once instead of retrying. A 200 whose body is not the OpenAI shape is not retried: its
+request fails with one line saying what came back.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import logging
 import random
 import time
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -34,7 +39,7 @@ from mathtool.llm.base import Completion, SamplingParams
 
 logger = logging.getLogger(__name__)
 
-PROBE_TIMEOUT_S = 10.0
+PROBE_TIMEOUT_S = 10.0  # also the health check's, after a failed request
 _MAX_CONNECTIONS = 512
 _BACKOFF_CAP_S = 8.0
 _START_HINT = "start one with `mathtool serve` or fix --base-url"
@@ -46,10 +51,17 @@ class _Endpoint:
     in_flight: int = 0
     failures: int = 0  # transient failures in a row
     down_until: float = 0.0  # monotonic time before which a failed endpoint is avoided
+    up: bool = True  # False when /v1/models did not answer after a failure: the server is gone
+    checked_at: float = 0.0  # monotonic time the last health check began
+    check_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # requests failing together share one check
 
 
 class _TransientError(Exception):
     """A failure worth retrying: connection trouble, 5xx, 429."""
+
+
+class _MalformedBody(ServerError):
+    """A 200 from a completions endpoint whose body is not the OpenAI shape; not retried."""
 
 
 def server_root(base_url: str) -> str:
@@ -154,7 +166,14 @@ class OpenAIBackend:
                 f"{root}/v1/models answered HTTP {response.status_code} ({_error_text(response)}); "
                 f"is this an OpenAI-compatible server? {_START_HINT}"
             )
-        return list(response.json().get("data") or [])
+        body = _json(response)
+        served = body.get("data") if isinstance(body, dict) else None
+        if not isinstance(served, list) or not all(isinstance(card, dict) for card in served):
+            raise ServerError(
+                f"{root}/v1/models answered 200 with something other than an OpenAI model list "
+                f"({_shortened(response.text)}); is this an OpenAI-compatible server? {_START_HINT}"
+            )
+        return served
 
     def _check_model(self, root: str, served: list[dict[str, Any]]) -> None:
         names = [str(card.get("id")) for card in served]
@@ -181,10 +200,12 @@ class OpenAIBackend:
         }
         try:
             body = await self._post("/v1/completions", payload)
+        except _MalformedBody:
+            raise
         except ServerError as exc:
             logger.info("token-id completions unsupported (%s); using chat completions", exc)
             return False
-        choice = (body.get("choices") or [{}])[0]
+        choice = body["choices"][0]
         ids = choice.get("token_ids")
         logprobs = (choice.get("logprobs") or {}).get("token_logprobs")
         generated = (body.get("usage") or {}).get("completion_tokens")
@@ -271,8 +292,12 @@ class OpenAIBackend:
         """POST to the route's server (sticky), else to the least busy healthy server. A transient failure
         takes that server out of rotation for a backoff that doubles with each failure in a row; the request
         retries at once on another server (which the route then keeps), or waits for the first to come
-        back when all are out."""
+        back when all are out, or fails at once when every server is gone (see `_check_after_failure`)."""
+        error = ""
         for attempt in range(self.max_retries + 1):
+            self._fail_if_all_gone(error)
+            if error:
+                logger.warning("%s failed (attempt %d/%d): %s", path, attempt, self.max_retries + 1, error)
             endpoint = self._pick(route)
             logger.debug("%s%s for %s", endpoint.root, path, route.key if route else None)
             endpoint.in_flight += 1  # counted from the pick, so that requests picking together spread out
@@ -281,17 +306,45 @@ class OpenAIBackend:
                 body = await self._post_once(endpoint, path, payload)
             except _TransientError as exc:
                 error = str(exc)
-                self._mark_failed(endpoint)
-                logger.warning("%s failed (attempt %d/%d): %s", path, attempt + 1, self.max_retries + 1, error)
-                continue
+            else:
+                endpoint.failures, endpoint.down_until, endpoint.up = 0, 0.0, True
+                return body
             finally:
                 endpoint.in_flight -= 1
-            endpoint.failures, endpoint.down_until = 0, 0.0
-            return body
+            await self._check_after_failure(endpoint)
         raise ServerError(
             f"model server request {path} failed after {self.max_retries + 1} attempts "
             f"(last: {error}); check the server is running (see its log) and restart it"
         )
+
+    async def _check_after_failure(self, endpoint: _Endpoint) -> None:
+        """Whether a server that just failed a request still answers /v1/models (one check for the requests
+        that failed together; a dead server refuses at once); then out of rotation for its backoff."""
+        failed_at = time.monotonic()
+        async with endpoint.check_lock:
+            if endpoint.checked_at <= failed_at:
+                endpoint.checked_at = time.monotonic()
+                endpoint.up = await self._answers_models(endpoint.root)
+                if not endpoint.up:
+                    logger.info("%s does not answer /v1/models: taken to be gone", endpoint.root)
+        self._mark_failed(endpoint)
+
+    async def _answers_models(self, root: str) -> bool:
+        try:
+            response = await self._client.get(root + "/v1/models", timeout=PROBE_TIMEOUT_S)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+    def _fail_if_all_gone(self, error: str) -> None:
+        """Raise ServerError when every server is gone: failed, did not answer /v1/models, still in its backoff
+        (after which a request tries it again, so that a server that comes back is used)."""
+        now = time.monotonic()
+        if all(not endpoint.up and endpoint.down_until > now for endpoint in self._endpoints):
+            roots = ", ".join(endpoint.root for endpoint in self._endpoints)
+            gone = "the model server is gone" if len(self._endpoints) == 1 else "every model server is gone"
+            last = f" after {error}" if error else ""
+            raise ServerError(f"{gone}: {roots} does not answer /v1/models{last}")
 
     def _pick(self, route: _Route | None = None) -> _Endpoint:
         """A sticky route's server while it is healthy; else the least busy one, which a sticky route keeps."""
@@ -318,17 +371,18 @@ class OpenAIBackend:
         endpoint.down_until = now + backoff * random.uniform(0.5, 1.0)
 
     async def _post_once(self, endpoint: _Endpoint, path: str, payload: dict[str, Any]) -> dict[str, Any]:
+        url = endpoint.root + path
         try:
-            response = await self._client.post(endpoint.root + path, json=payload)
+            response = await self._client.post(url, json=payload)
         except httpx.TransportError as exc:
             raise _TransientError(f"{endpoint.root}: {_describe(exc)}") from exc
         if response.status_code == 200:
-            body = response.json()
-            reason = ((body.get("choices") or [{}])[0] or {}).get("finish_reason")
+            body = _completion_body(url, response)
+            reason = body["choices"][0].get("finish_reason")
             if reason in _ABORTED:  # the server gave up on this request (vLLM: aborted, engine error)
-                raise _TransientError(f"{endpoint.root}{path} ended the generation with finish_reason={reason!r}")
+                raise _TransientError(f"{url} ended the generation with finish_reason={reason!r}")
             return body
-        message = f"{endpoint.root}{path} answered HTTP {response.status_code}: {_error_text(response)}"
+        message = f"{url} answered HTTP {response.status_code}: {_error_text(response)}"
         if response.status_code == 429 or response.status_code >= 500:
             raise _TransientError(message)
         raise ServerError(message)
@@ -387,6 +441,41 @@ def _describe(exc: httpx.HTTPError) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
+def _completion_body(url: str, response: httpx.Response) -> dict[str, Any]:
+    """The JSON body of a 200 from /v1/completions or /v1/chat/completions, checked to be the OpenAI shape
+    as far as this backend reads it; else a one-line `_MalformedBody` saying what came back."""
+    body = _json(response)
+    field_name, kind = ("message", dict) if url.endswith("/chat/completions") else ("text", str)
+    choices = body.get("choices") if isinstance(body, dict) else None
+    if not isinstance(body, dict):
+        problem = "something other than a JSON object"
+    elif not isinstance(choices, list) or not choices:
+        problem = "no choices"
+    elif not isinstance(choices[0], dict) or not isinstance(choices[0].get(field_name), kind):
+        problem = f"a first choice without its {field_name}"
+    elif not isinstance(body.get("usage") or {}, dict):
+        problem = "a usage that is not an object"
+    else:
+        return body
+    raise _MalformedBody(f"{url} answered 200 with {problem}: {_shortened(response.text)}")
+
+
+def _json(response: httpx.Response) -> Any:
+    """The body parsed as JSON; None when it is not JSON."""
+    try:
+        return response.json()
+    except ValueError:
+        return None
+
+
+def _shortened(text: str, limit: int = 200) -> str:
+    """`text` on one line, cut to `limit` characters."""
+    text = " ".join(text.split())
+    if not text:
+        return "an empty body"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _error_text(response: httpx.Response) -> str:
     """The server's error message on one line, shortened."""
     try:
@@ -395,4 +484,4 @@ def _error_text(response: httpx.Response) -> str:
         text = str(error.get("message", error) if isinstance(error, dict) else error)
     except ValueError:
         text = response.text
-    return " ".join(text.split())[:300]
+    return _shortened(text, 300)
