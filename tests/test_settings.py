@@ -50,8 +50,11 @@ def eval_cli(*args: str) -> subprocess.CompletedProcess:
                           timeout=120)
 
 
-def test_output_mistakes_are_refused_before_the_embedded_server_starts(tmp_path: Path, shared_data: Path) -> None:
+def test_output_mistakes_are_refused_before_the_embedded_server_starts(tmp_path: Path, shared_data: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     import time
+
+    monkeypatch.setenv("MATHTOOL_HOME", str(tmp_path / "home"))  # the dataset registers here, not in ~/.cache
 
     run = tmp_path / "run"
     run.mkdir()
