@@ -120,8 +120,6 @@ def test_an_unknown_template_is_one_clear_error(tmp_path: Path) -> None:
 
 
 def test_tool_format_follows_from_the_template_by_one_rule(tokenizer: Any) -> None:
-    from dataclasses import replace
-
     from mathtool.train.config import TrainConfig
     from mathtool.train.trainer import agent_settings
 
@@ -132,7 +130,7 @@ def test_tool_format_follows_from_the_template_by_one_rule(tokenizer: Any) -> No
     # training builds its agent with the same rule
     tokenizer.chat_template, own = read_chat_template("qwen3"), tokenizer.chat_template
     try:
-        assert agent_settings(replace(TrainConfig(), thinking=False), tokenizer).tool_format == HERMES
+        assert agent_settings(TrainConfig(thinking=False), tokenizer).tool_format == HERMES
     finally:
         tokenizer.chat_template = own
 

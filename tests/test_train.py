@@ -99,7 +99,7 @@ def _config(model_dir: Path, **changes: Any) -> TrainConfig:
     base = dict(model=str(model_dir), max_turns=2, max_response_length=64, max_prompt_length=512,
                 temperature=1.0, problems_per_step=2, rollouts_per_problem=2, micro_batch_size=4,
                 learning_rate=1e-3, reward_format=0.5, max_steps=1, save_every=1, n_parallel_agents=8)
-    return replace(TrainConfig(), **{**base, **changes})
+    return TrainConfig(**{**base, **changes})
 
 
 def _rollout(tokenizer: Any, runtime: Any, backend: Any) -> AgentRollout:

