@@ -1,4 +1,5 @@
-"""Bad settings from a config file are one line naming the key, for eval as for train (one validation)."""
+"""Settings: one model per command gives the config-file keys, the flags, their help and their checks;
+bad settings are one line naming the key, for eval as for train (one validation)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,18 @@ import sys
 from pathlib import Path
 
 import pytest
+import typer
 
-from mathtool.engine.settings import resolve
+from mathtool.cli import app
+from mathtool.engine.settings import EMBEDDED_DEFAULTS, EvalSettings, Settings, flag_fields, resolve
 from mathtool.errors import ConfigError
+from mathtool.train.config import TrainConfig
+from mathtool.train.config import resolve as resolve_train
+
+
+def eval_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mathtool.cli", "eval", *args], capture_output=True, text=True,
+                          timeout=120)
 
 
 @pytest.mark.parametrize(("text", "message"), [
@@ -35,6 +45,66 @@ def test_bad_eval_config_values_are_one_config_error(tmp_path: Path, text: str, 
         resolve(path, {})
 
 
+@pytest.mark.parametrize(("text", "message"), [
+    ("max_steps: 2.7", "max_steps must be an integer, not 2.7"),
+    ('bf16: "no"', "bf16 must be true or false, not 'no'"),
+    ("learning_rate: 1e-6", "learning_rate must be a number, not '1e-6' (YAML reads 1e-6 as text: write 1.0e-6)"),
+    ("rollouts_per_problem: 1", "rollouts_per_problem must be at least 2, not 1"),
+    ("temperature: 0", "temperature must be above 0.0, not 0"),
+    ("tool_format: json", "tool_format must be one of hermes, markdown, not 'json'"),
+])
+def test_bad_train_config_values_are_one_line_naming_the_key(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "train.yaml"
+    path.write_text(text + "\n")
+    with pytest.raises(ConfigError) as error:
+        resolve_train("cpu-demo", path, None)
+    assert str(error.value) == message
+
+
+def test_eval_precedence_defaults_embedded_file_flags(tmp_path: Path) -> None:
+    path = tmp_path / "eval.yaml"
+    path.write_text("n_samples: 8\nmax_response_length: 100\ntemperature: 1\n")
+    settings, notes = resolve(path, {"n_samples": 2, "seed": None})
+    assert (settings.n_samples, settings.max_response_length, settings.temperature) == (2, 100, 1.0)
+    assert settings.n_parallel_agents == EMBEDDED_DEFAULTS["n_parallel_agents"]  # no server given
+    assert notes == [f"n_parallel_agents={EMBEDDED_DEFAULTS['n_parallel_agents']}"]
+    served, notes = resolve(None, {"base_url": ["http://h:1/v1"]})
+    assert notes == [] and served.n_parallel_agents == EvalSettings().n_parallel_agents == 64
+
+
+def test_train_precedence_preset_file_flags(tmp_path: Path) -> None:
+    path = tmp_path / "train.yaml"
+    path.write_text("max_steps: 7\nmax_turns: 1\n")
+    assert resolve_train("cpu-demo", None).max_steps == 30
+    from_file = resolve_train("cpu-demo", path)
+    assert (from_file.max_steps, from_file.max_turns, from_file.max_response_length) == (7, 1, 128)
+    assert resolve_train("cpu-demo", path, {"max_steps": 3, "thinking": False}).max_steps == 3
+
+
+@pytest.mark.parametrize(("command", "model"), [("eval", EvalSettings), ("train", TrainConfig)])
+def test_each_flag_is_its_settings_field(command: str, model: type[Settings]) -> None:
+    """Name, help and shown default come from the field; settings that are no flags make none."""
+    click_command = typer.main.get_command(app).commands[command]
+    options = {param.name: param for param in click_command.params}
+    flags = flag_fields(model)
+    for name, (field, _) in flags.items():
+        option = options[name]
+        assert option.opts == [f"--{name.replace('_', '-')}"] and option.default is None
+        assert option.help.startswith(field.description.removesuffix("."))
+        if isinstance(field.default, int | float) and not isinstance(field.default, bool):
+            assert f"(default: {field.default}" in option.help
+    assert not (set(model.model_fields) - set(flags)) & set(options)  # e.g. request_timeout_s: config file only
+    assert options["thinking"].secondary_opts == ["--no-thinking"]
+    assert command != "eval" or (options["resume"].secondary_opts == [] and options["base_url"].multiple)
+    assert command != "eval" or "(default: 64; embedded 32)" in options["n_parallel_agents"].help
+
+
+def test_a_bad_flag_is_one_line_before_any_server() -> None:
+    result = eval_cli("--n-samples", "0", "--temperature", "0.5")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == "error: n_samples must be at least 1, not 0"
+
+
 def test_the_cli_shows_it_as_one_line_for_eval_and_train(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text("a: [\n")
@@ -43,11 +113,6 @@ def test_the_cli_shows_it_as_one_line_for_eval_and_train(tmp_path: Path) -> None
                                 timeout=120)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and "not valid YAML" in lines[0], result.stderr
-
-
-def eval_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mathtool.cli", "eval", *args], capture_output=True, text=True,
-                          timeout=120)
 
 
 def test_output_mistakes_are_refused_before_the_embedded_server_starts(tmp_path: Path, shared_data: Path,

@@ -1,20 +1,27 @@
 """The `mathtool` command: thin wrappers that parse flags, call the library, and print.
 
-Every user mistake (a MathtoolError) is printed as one line, with a non-zero exit code.
+The flags of `eval` and `train` that are settings come from the settings models' fields (name, type,
+help, default), so each is written once: see `settings_flags`. Every user mistake (a MathtoolError) is
+printed as one line, with a non-zero exit code.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, Literal, get_origin
 
 import typer
+from pydantic.fields import FieldInfo
 from rich.console import Console
 from rich.table import Table
 
+from mathtool.engine.settings import EMBEDDED_DEFAULTS, EvalSettings, Flag, Settings, flag_fields, without_none
 from mathtool.errors import MathtoolError
+from mathtool.train.config import TrainConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Math-reasoning agents with a Python tool: prepare data, serve, eval, report.")
@@ -37,6 +44,42 @@ def one_line_errors(func):
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def settings_flags(model: type[Settings], note: Callable[[str], str] = lambda name: "") -> Callable:
+    """Give a command an option for each field of `model` marked `Flag()`, after its own parameters: the
+    field's name, type and description, its default shown (with `note(name)` after it). The command gets
+    the flags given (not None) as keyword arguments (`**flags`); the settings' resolve() does the rest."""
+
+    def decorate(command: Callable) -> Callable:
+        options = [_option(name, field, flag, note(name)) for name, (field, flag) in flag_fields(model).items()]
+        own = inspect.signature(command, eval_str=True).parameters.values()
+        explicit = [p.replace(kind=p.KEYWORD_ONLY) for p in own if p.kind is not p.VAR_KEYWORD]
+
+        @functools.wraps(command)
+        def wrapper(**kwargs: Any) -> Any:
+            flags = {option.name: kwargs.pop(option.name) for option in options}
+            return command(**kwargs, **{name: value for name, value in flags.items() if value is not None})
+
+        wrapper.__signature__ = inspect.Signature([*explicit, *options])  # what typer reads
+        return wrapper
+
+    return decorate
+
+
+def _option(name: str, field: FieldInfo, flag: Flag, note: str) -> inspect.Parameter:
+    kind = without_none(field.annotation)
+    if get_origin(kind) is Literal:  # the model checks the choice, in its one-line way
+        kind = str
+    names = () if kind is not bool or flag.negatable else (f"--{name.replace('_', '-')}",)  # bool: --x/--no-x
+    default = field.get_default(call_default_factory=True)
+    shown = "" if default is None or default is False or default == [] else f" (default: {default}{note})"
+    option = typer.Option(*names, help=f"{field.description.removesuffix('.')}{shown}.")
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[kind | None, option])
+
+
+def _embedded_note(name: str) -> str:
+    return f"; embedded {EMBEDDED_DEFAULTS[name]}" if name in EMBEDDED_DEFAULTS else ""
 
 
 @app.callback()
@@ -118,30 +161,12 @@ def compare(
 
 @app.command(name="eval")
 @one_line_errors
+@settings_flags(EvalSettings, note=_embedded_note)
 def eval_command(
-    dataset: Annotated[str | None, typer.Option(help="Dataset name (aime2024, math500, ...) or a .jsonl/.parquet/.csv file.")] = None,
-    model: Annotated[str | None, typer.Option(help="Served model name, e.g. Qwen/Qwen3-4B (default: what the server serves).")] = None,
-    base_url: Annotated[list[str] | None, typer.Option(help="OpenAI-compatible server, e.g. http://host:30000/v1; repeat to spread requests. None: start the embedded model.")] = None,
-    tokenizer: Annotated[str | None, typer.Option(help="Tokenizer (Hub id or folder) for the chat template; default: --model.")] = None,
-    n_samples: Annotated[int | None, typer.Option(help="Samples per problem [4].")] = None,
-    n_parallel_agents: Annotated[int | None, typer.Option(help="Trajectories in flight [64; embedded 32].")] = None,
-    temperature: Annotated[float | None, typer.Option(help="Sampling temperature [0.6].")] = None,
-    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling [0.95].")] = None,
-    max_response_length: Annotated[int | None, typer.Option(help="Model tokens per trajectory, all turns [16384; embedded 768].")] = None,
-    max_prompt_length: Annotated[int | None, typer.Option(help="Tokens of the first prompt [2048].")] = None,
-    max_turns: Annotated[int | None, typer.Option(help="Model turns per trajectory [5].")] = None,
-    tool_format: Annotated[str | None, typer.Option(help="hermes or markdown [hermes when the chat template renders tools].")] = None,
-    chat_template: Annotated[str | None, typer.Option(help="qwen3, qwen3-training (TRL's copies) or a Jinja file [the tokenizer's own].")] = None,
-    thinking: Annotated[bool | None, typer.Option("--thinking/--no-thinking", help="The chat template's enable_thinking [the template's default].")] = None,
-    limit: Annotated[int | None, typer.Option(help="Only the first N problems.")] = None,
-    output: Annotated[Path | None, typer.Option(help="Run directory [runs/<dataset>-<time>].")] = None,
-    resume: Annotated[bool | None, typer.Option("--resume", help="Continue the run in --output: skip finished samples.")] = None,
-    source: Annotated[Path | None, typer.Option(help="Mirror directory of <name>.jsonl files (offline data).")] = None,
-    seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML/JSON file with any of these settings (flags win).")] = None,
+    **flags: Any,
 ) -> None:
     """Evaluate a model with the Python tool on a dataset: Pass@1 and Pass@k."""
-    flags = {k: str(v) if isinstance(v, Path) else v for k, v in locals().items() if k != "config"}
     import asyncio
 
     from mathtool.engine.evaluate import run_eval
@@ -191,21 +216,18 @@ def serve(
 
 @app.command()
 @one_line_errors
+@settings_flags(TrainConfig, note=lambda name: " unless --preset or --config sets it")
 def train(
     preset: Annotated[str | None, typer.Option(help="cpu-demo (SmolLM2-135M on CPU) or qwen3-4b (the seed's GRPO recipe, 8 GPUs).")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML/JSON training config (see configs/); keys override the preset's.")] = None,
-    max_steps: Annotated[int | None, typer.Option(help="Stop after this many GRPO steps.")] = None,
     output: Annotated[Path, typer.Option(help="Output directory: metrics.jsonl, reward curve, checkpoints.")] = Path("runs/train"),
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in --output.")] = False,
-    chat_template: Annotated[str | None, typer.Option(help="qwen3, qwen3-training (TRL's copies) or a Jinja file [the model's own].")] = None,
-    thinking: Annotated[bool | None, typer.Option("--thinking/--no-thinking", help="The chat template's enable_thinking [the template's default].")] = None,
+    **flags: Any,
 ) -> None:
     """Train the tool agent with GRPO (TRL), using the same agent loop as `eval`."""
     from mathtool.train import train as run_training
 
-    overrides = {k: v for k, v in {"max_steps": max_steps, "chat_template": chat_template, "thinking": thinking}.items()
-                 if v is not None}
-    checkpoint = run_training(preset, config, overrides, output, resume)
+    checkpoint = run_training(preset, config, flags, output, resume)
     console.print(f"done: last checkpoint {checkpoint}; metrics in {output / 'metrics.jsonl'}")
 
 
