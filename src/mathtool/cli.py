@@ -204,9 +204,9 @@ def serve(
     """Start an OpenAI-compatible model server and keep it running until Ctrl-C."""
     from dataclasses import replace
 
-    from mathtool.serve import ServerSpec, embedded_spec, serve_forever
+    from mathtool.serve import embedded_spec, model_spec, serve_forever
 
-    base = embedded_spec(port=port, engine=engine) if model is None else ServerSpec(model=model)
+    base = embedded_spec(port=port, engine=engine) if model is None else model_spec(model, port=port)
     spec = replace(base, engine=engine, port=port, host=host, dtype=dtype or base.dtype,
                    max_model_len=max_model_len or base.max_model_len, tensor_parallel_size=tensor_parallel_size,
                    data_parallel_size=data_parallel_size, tool_call_parser=tool_call_parser,

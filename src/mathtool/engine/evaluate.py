@@ -23,24 +23,26 @@ from mathtool.sandbox import PythonSandbox
 
 log = logging.getLogger(__name__)
 
-EMBEDDED_CONTEXT = 4096
 
 
 @contextlib.contextmanager
 def model_server(settings: EvalSettings) -> Iterator[tuple[list[str], str | None, str | None]]:
-    """The servers to use: the ones given, or the embedded model on vLLM's CPU build for the run (with the
-    run's chat template, so that its chat path speaks the same format).
+    """The servers to use: the ones given; else vLLM started for the run, serving --model (a Hub id or a
+    folder, e.g. a training checkpoint) or the embedded model on its CPU build, with the run's chat template
+    (so that its chat path speaks the same format).
 
     Yields (base URLs, model name, tokenizer source).
     """
     if settings.base_url:
         yield settings.base_url, settings.model, settings.tokenizer or settings.model
         return
-    from mathtool.serve import embedded_spec, running_server
+    from mathtool.serve import embedded_spec, model_spec, running_server
 
-    spec = embedded_spec(max_model_len=EMBEDDED_CONTEXT, chat_template=settings.chat_template)
-    log.warning("no --base-url: starting the embedded %s on vLLM (CPU); this takes a few minutes",
-                spec.model_name)
+    if settings.model:
+        spec = model_spec(settings.model, chat_template=settings.chat_template)
+    else:
+        spec = embedded_spec(chat_template=settings.chat_template)
+    log.warning("no --base-url: starting %s on vLLM for this run; this takes a few minutes", spec.model_name)
     with running_server(spec) as url:
         yield [url], spec.model_name, settings.tokenizer or spec.model
 

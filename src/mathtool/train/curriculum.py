@@ -6,15 +6,24 @@ worked example of the two-turn exchange in the agent's tool-call format (a ```py
 example SmolLM2-135M writes code but boxes an answer in about 1 try of 64, so GRPO has no signal past
 "use the tool"; with the markdown one, 48 of 64 tries run code, 10 box an answer and 4 are right
 (measured on the embedded server at temperature 0.7), and learning has somewhere to start.
+
+One expression in ten is held out (`held_out`, fixed by the expression alone): training never draws one,
+whatever its seed or size, so that `heldout_problems` measures what a trained model does on problems it
+never saw. A training run writes them to `heldout.jsonl` in its output directory, in its own prompt format.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
+import json
 import random
+from pathlib import Path
 
 from mathtool.agent.parsers import HERMES, MARKDOWN
 from mathtool.data.problem import Problem
 from mathtool.errors import ConfigError
+from mathtool.paths import atomic_write_text
 
 _OPERATIONS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 _SMALL, _LARGE = (2, 12), (10, 60)  # operand ranges: products of small numbers, sums of larger ones
@@ -32,21 +41,51 @@ PROMPTS = {  # the question, with a worked example in the tool-call format the a
         "answer as \\boxed{{answer}}."
     ),
 }
-MAX_PROBLEMS = 2 * (_LARGE[1] - _LARGE[0] + 1) ** 2 + (_SMALL[1] - _SMALL[0] + 1) ** 2
+HELDOUT_EVERY = 10  # one expression in this many is held out of training
+HELDOUT_SIZE, HELDOUT_SEED = 100, 1  # the held-out split a training run writes
 
 
-def arithmetic_problems(count: int, seed: int = 0, tool_format: str = MARKDOWN) -> list[Problem]:
-    """`count` distinct problems, the same for the same seed, each after the worked example in `tool_format`."""
-    if not 1 <= count <= MAX_PROBLEMS:
-        raise ConfigError(f"curriculum_size must be between 1 and {MAX_PROBLEMS}")
+def held_out(expression: str) -> bool:
+    return hashlib.sha256(expression.encode()).digest()[0] % HELDOUT_EVERY == 0
+
+
+def _expressions() -> list[str]:
+    expressions = []
+    for op in _OPERATIONS:
+        low, high = _SMALL if op == "*" else _LARGE
+        expressions += [f"{a} {op} {b}" for a, b in itertools.product(range(low, high + 1), repeat=2)]
+    return expressions
+
+
+MAX_PROBLEMS = sum(not held_out(e) for e in _expressions())  # in the training split
+
+
+def arithmetic_problems(count: int, seed: int = 0, tool_format: str = MARKDOWN, heldout: bool = False) -> list[Problem]:
+    """`count` distinct training problems (or held-out ones), the same for the same seed, each after the
+    worked example in `tool_format`."""
+    limit = MAX_PROBLEMS if not heldout else len(_expressions()) - MAX_PROBLEMS
+    if not 1 <= count <= limit:
+        raise ConfigError(f"curriculum_size must be between 1 and {limit}")
     rng = random.Random(seed)
     problems: dict[str, Problem] = {}
+    prefix = "heldout" if heldout else "arith"
     while len(problems) < count:
         op = rng.choice(list(_OPERATIONS))
         low, high = _SMALL if op == "*" else _LARGE
         a, b = rng.randint(low, high), rng.randint(low, high)
-        text = PROMPTS[tool_format].format(expression=f"{a} {op} {b}")
-        if text not in problems:
+        expression = f"{a} {op} {b}"
+        text = PROMPTS[tool_format].format(expression=expression)
+        if held_out(expression) == heldout and text not in problems:
             answer = str(_OPERATIONS[op](a, b))
-            problems[text] = Problem(f"arith-{len(problems):05d}", text, answer, source="arithmetic")
+            problems[text] = Problem(f"{prefix}-{len(problems):05d}", text, answer, source="arithmetic")
     return list(problems.values())
+
+
+def heldout_problems(tool_format: str) -> list[Problem]:
+    return arithmetic_problems(HELDOUT_SIZE, HELDOUT_SEED, tool_format, heldout=True)
+
+
+def write_heldout(path: Path, tool_format: str) -> None:
+    """The held-out split as a problem file that `mathtool eval --dataset` reads."""
+    rows = [{"id": p.id, "problem": p.problem, "answer": p.answer} for p in heldout_problems(tool_format)]
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))

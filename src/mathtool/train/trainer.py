@@ -20,7 +20,7 @@ from mathtool.errors import ConfigError, DatasetError
 from mathtool.llm.base import SamplingParams
 from mathtool.paths import atomic_write_text, check_writable, write_errors
 from mathtool.train.config import ARITHMETIC, EMBEDDED_MODEL, TrainConfig, resolve
-from mathtool.train.curriculum import arithmetic_problems
+from mathtool.train.curriculum import arithmetic_problems, write_heldout
 from mathtool.train.evaluation import Evaluator
 from mathtool.train.generation import backend_factory
 from mathtool.train.monitor import (
@@ -38,6 +38,7 @@ from mathtool.train.runtime import AgentRuntime
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "train_config.json"
+HELDOUT_FILE = "heldout.jsonl"  # the curriculum's held-out problems, for `mathtool eval --dataset`
 OUTPUT_FIX = "pick another --output"
 
 
@@ -61,6 +62,8 @@ def train(preset: str | None, config_path: Path | None, overrides: dict[str, Any
         with write_errors(output, OUTPUT_FIX):
             atomic_write_text(output / CONFIG_FILE, json.dumps(config.to_json(), indent=2))
             keep_rows_until(output / METRICS_FILE, _checkpoint_step(checkpoint))
+            if config.dataset == ARITHMETIC:
+                write_heldout(output / HELDOUT_FILE, agent_config.tool_format)
     with AgentRuntime(config.tool_timeout_s, config.tool_memory_mb, config.tool_isolation) as runtime:
         trainer = build_trainer(config, model, agent_config, problems, eval_problems, runtime, output)
         try:
