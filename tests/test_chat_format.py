@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 from transformers import AutoTokenizer
 
-from mathtool.agent import trajectory as T
 from mathtool.agent.chat_format import (
     chat_setup,
     chat_template_path,
@@ -28,6 +27,7 @@ from mathtool.data.problem import Problem
 from mathtool.errors import ConfigError
 from mathtool.llm.base import Completion, SamplingParams
 from mathtool.metrics import compute_metrics
+from mathtool.run_record import ANSWERED, STOPPED
 from mathtool.sandbox import PythonSandbox
 
 PROBLEM = Problem("mul", "What is 6 * 7?", "42")
@@ -150,12 +150,12 @@ def test_prompt_holds_the_tool_schema_in_the_system_turn(tokenizer: Any) -> None
     prompt = tokenizer.decode(traj.prompt_ids)
     assert prompt.startswith("<|im_start|>system\n") and "<tools>\n" in prompt and '"name": "python"' in prompt
     assert prompt.index("</tools>") < prompt.index("<|im_start|>user\nWhat is 6 * 7?")
-    assert (traj.termination, traj.reward, traj.num_tool_calls) == (T.ANSWERED, 1.0, 0)
+    assert (traj.termination, traj.reward, traj.num_tool_calls) == (ANSWERED, 1.0, 0)
 
 
 def test_a_turn_without_a_think_block_stays_exact(tokenizer: Any) -> None:
     traj, backend, _ = run(tokenizer, [CALL, ANSWER])
-    assert (traj.termination, traj.reward, traj.num_tool_calls) == (T.ANSWERED, 1.0, 1)
+    assert (traj.termination, traj.reward, traj.num_tool_calls) == (ANSWERED, 1.0, 1)
     check_turn_by_turn(tokenizer, traj, backend, read_chat_template("qwen3"), None)
     second = tokenizer.decode(backend.prompts[1])
     assert second.endswith("<|im_end|>\n<|im_start|>user\n<tool_response>\n42\n</tool_response><|im_end|>\n"
@@ -166,21 +166,21 @@ def test_an_empty_think_block_stays_exact(tokenizer: Any) -> None:
     # qwen3.jinja drops an empty think block from a turn a tool message follows; the record keeps it, as
     # the model wrote and saw it, which is what the prefix-preserving training variant renders.
     traj, backend, _ = run(tokenizer, ["<think>\n\n</think>\n\n" + CALL, "<think>\n\n</think>\n\n" + ANSWER])
-    assert (traj.termination, traj.num_tool_calls) == (T.ANSWERED, 1)
+    assert (traj.termination, traj.num_tool_calls) == (ANSWERED, 1)
     check_turn_by_turn(tokenizer, traj, backend, read_chat_template("qwen3-training"), None)
 
 
 def test_reasoning_then_a_call_stays_exact(tokenizer: Any) -> None:
     traj, backend, _ = run(tokenizer, ["<think>\nI should compute it.\n</think>\n\n" + CALL,
                                        "<think>\nIt printed 42.\n</think>\n\n" + ANSWER])
-    assert (traj.termination, traj.reward) == (T.ANSWERED, 1.0)
+    assert (traj.termination, traj.reward) == (ANSWERED, 1.0)
     check_turn_by_turn(tokenizer, traj, backend, read_chat_template("qwen3"), None)
 
 
 def test_no_thinking_stays_exact(tokenizer: Any) -> None:
     traj, backend, _ = run(tokenizer, [CALL, ANSWER], thinking=False)
     assert tokenizer.decode(backend.prompts[0]).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
-    assert (traj.termination, traj.reward) == (T.ANSWERED, 1.0)
+    assert (traj.termination, traj.reward) == (ANSWERED, 1.0)
     check_turn_by_turn(tokenizer, traj, backend, read_chat_template("qwen3-training"), False)
 
 
@@ -194,7 +194,7 @@ def test_the_newline_after_im_end_is_the_environments(tokenizer: Any) -> None:
 def test_text_before_the_call_and_two_calls_in_one_turn(tokenizer: Any) -> None:
     second = CALL.replace("6 * 7", "6 + 7")
     traj, backend, _ = run(tokenizer, ["Let me compute both.\n" + CALL + "\n" + second, ANSWER])
-    assert traj.num_tool_calls == 2 and traj.termination == T.ANSWERED
+    assert traj.num_tool_calls == 2 and traj.termination == ANSWERED
     check_turn_by_turn(tokenizer, traj, backend, read_chat_template("qwen3"), None)
     prompt = tokenizer.decode(backend.prompts[1])
     assert ("<|im_start|>user\n<tool_response>\n42\n</tool_response>\n<tool_response>\n13\n</tool_response>"
@@ -204,7 +204,7 @@ def test_text_before_the_call_and_two_calls_in_one_turn(tokenizer: Any) -> None:
 def test_malformed_json_is_answered_with_an_error_and_stays_exact(tokenizer: Any) -> None:
     traj, backend, _ = run(tokenizer, ['<tool_call>\n{"name": "python", "arguments": {"code": </tool_call>', CALL,
                                        ANSWER])
-    assert traj.num_tool_calls == 1 and traj.termination == T.ANSWERED
+    assert traj.num_tool_calls == 1 and traj.termination == ANSWERED
     assert traj.messages[3]["role"] == "tool" and traj.messages[3]["content"].startswith("Error: tool call is not")
     check_turn_by_turn(tokenizer, traj, backend, read_chat_template("qwen3"), None)
 
@@ -215,7 +215,7 @@ def test_malformed_json_is_answered_with_an_error_and_stays_exact(tokenizer: Any
 ])
 def test_a_call_inside_think_is_not_executed(tokenizer: Any, turn: str) -> None:
     traj, backend, _ = run(tokenizer, [turn])
-    assert (traj.num_tool_calls, traj.termination, len(backend.prompts)) == (0, T.STOPPED, 1)
+    assert (traj.num_tool_calls, traj.termination, len(backend.prompts)) == (0, STOPPED, 1)
 
 
 def test_a_made_up_tool_response_is_cut_and_the_tool_answers(tokenizer: Any) -> None:
@@ -230,7 +230,7 @@ def test_a_template_that_cannot_be_extended_is_counted_as_inexact(tokenizer: Any
     custom = tmp_path / "qwen3-copy.jinja"
     custom.write_text("{#- a copy -#}\n" + read_chat_template("qwen3"))
     traj, backend, _ = run(tokenizer, [CALL, ANSWER], template=str(custom))
-    assert traj.termination == T.ANSWERED and not traj.token_exact
+    assert traj.termination == ANSWERED and not traj.token_exact
     # what was sampled before the resync is masked out; the turn sampled after it counts
     model_tokens = [t for t, m in zip(traj.completion_ids, traj.completion_mask, strict=True) if m]
     assert model_tokens == backend.generated[1]

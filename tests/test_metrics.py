@@ -146,6 +146,16 @@ def test_load_run_skips_torn_last_line_with_warning(tmp_path: Path, caplog: pyte
     assert "torn last line" in caplog.text
 
 
+def test_reader_and_resume_agree_on_a_last_line_without_its_newline(tmp_path: Path) -> None:
+    from mathtool.run_record import RunDir
+
+    run_dir = write_run(tmp_path / "run", handcrafted(), tail=json.dumps(traj("p3", 0, 1.0)))  # killed before "\n"
+    assert len(load_run(run_dir)[1]) == 10  # not counted: a resume redoes it
+    RunDir(run_dir, json.loads((run_dir / "config.json").read_text()), resume=True).close()
+    text = (run_dir / "trajectories.jsonl").read_text()
+    assert '"p3"' not in text and text.endswith("\n") and len(load_run(run_dir)[1]) == 10
+
+
 def test_load_run_keeps_the_last_record_of_a_redone_sample(tmp_path: Path) -> None:
     records = [*handcrafted(), traj("p1", 3, 1.0)]  # a resumed run redid the errored sample
     _, loaded = load_run(write_run(tmp_path / "run", records))
@@ -209,7 +219,7 @@ def test_accuracy_plot_takes_problem_ids_literally() -> None:
 def test_run_dir_refuses_reuse_without_resume_and_says_what_a_resume_changed(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from mathtool.engine.run_dir import RunDir
+    from mathtool.run_record import RunDir
 
     config = {"dataset": "toy", "model": "m", "n_parallel_agents": 4, "resume": False}
     run = RunDir(tmp_path, config, resume=False)
@@ -217,7 +227,7 @@ def test_run_dir_refuses_reuse_without_resume_and_says_what_a_resume_changed(
     run.close()
     with pytest.raises(ConfigError, match="add --resume"):
         RunDir(tmp_path, config, resume=False)
-    with pytest.raises(ConfigError, match="different model"):
+    with pytest.raises(ConfigError, match=r"was run with model .m. \(now .other.\)"):
         RunDir(tmp_path, {**config, "model": "other"}, resume=True)
     with caplog.at_level(logging.WARNING):
         RunDir(tmp_path, {**config, "resume": True}, resume=True).close()

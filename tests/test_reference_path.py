@@ -13,13 +13,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mathtool.agent import trajectory as T
 from mathtool.agent.chat_format import chat_setup, chat_template_path
 from mathtool.agent.loop import AgentConfig, run_agent
 from mathtool.agent.parsers import HERMES, parse_hermes
 from mathtool.agent.prompts import initial_messages
 from mathtool.data.problem import Problem
 from mathtool.llm import OpenAIBackend, SamplingParams
+from mathtool.run_record import MAX_TURNS
 from mathtool.sandbox import PythonSandbox
 from mathtool.serve import ServerSpec, embedded_spec
 from mathtool.serve.launch import server_command
@@ -83,7 +83,7 @@ async def test_the_chat_path_reads_the_calls_the_server_parsed(embedded_server) 
     result = traj.messages[3]
     assert result == {"role": "tool", "content": "42", "tool_call_id": first["tool_calls"][0]["id"]}
     # the second (last) turn is held to a call too: parsed by the server, not run, the turn limit reached
-    assert traj.messages[4]["tool_calls"] and traj.num_tool_calls == 1 and traj.termination == T.MAX_TURNS
+    assert traj.messages[4]["tool_calls"] and traj.num_tool_calls == 1 and traj.termination == MAX_TURNS
     assert traj.prompt_ids is None  # the chat path: no token record
 
 

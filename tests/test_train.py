@@ -19,12 +19,12 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from mathtool.agent import trajectory as T
 from mathtool.agent.trajectory import Trajectory
 from mathtool.data.problem import Problem
 from mathtool.errors import ConfigError
 from mathtool.llm.base import Completion, SamplingParams
 from mathtool.llm.transformers_backend import TransformersBackend
+from mathtool.run_record import ANSWERED, BUDGET, ERROR, STOPPED
 from mathtool.train import PRESETS, TrainConfig, train
 from mathtool.train.config import resolve
 from mathtool.train.monitor import METRICS_FILE, read_rows
@@ -157,11 +157,11 @@ def test_rollout_output_matches_trl_contract(tokenizer: Any, runtime: Any) -> No
 
 
 def test_truncated_and_inexact_trajectories_are_masked() -> None:
-    base = Trajectory("p", 0, termination=T.ANSWERED, prompt_ids=[1, 2], completion_ids=[3, 4, 5],
+    base = Trajectory("p", 0, termination=ANSWERED, prompt_ids=[1, 2], completion_ids=[3, 4, 5],
                       completion_mask=[1, 0, 1], logprobs=[-1.0, 0.0, -1.0])
-    cut = replace(base, termination=T.BUDGET)
+    cut = replace(base, termination=BUDGET)
     inexact = replace(base, token_exact=False)
-    failed = replace(base, termination=T.ERROR, completion_ids=[], completion_mask=[], logprobs=[])
+    failed = replace(base, termination=ERROR, completion_ids=[], completion_mask=[], logprobs=[])
     out = to_trl([base, cut, inexact, failed], MaskPolicy(truncated=True, inexact=True), eos_id=2)
     assert out["env_mask"] == [[1, 0, 1], [0, 0, 0], [0, 0, 0], [0]]
     assert out["completion_ids"][3] == [2]  # TRL needs one token; a masked EOS
@@ -302,7 +302,7 @@ def test_a_made_up_output_is_cut_and_the_tool_answers_instead(tokenizer: Any) ->
     assistant = [m["content"] for m in traj.messages if m["role"] == "assistant"]
     assert assistant == ["```python\nprint(6 * 9)\n```", "So it is \\boxed{54}."]
     assert traj.messages[3] == {"role": "user", "content": "```output\n54\n```"}
-    assert (traj.num_tool_calls, traj.reward, traj.termination, traj.token_exact) == (1, 1.0, T.ANSWERED, True)
+    assert (traj.num_tool_calls, traj.reward, traj.termination, traj.token_exact) == (1, 1.0, ANSWERED, True)
     # the record holds only what the model kept, and extends exactly into the second prompt
     assert traj.prompt_ids + traj.completion_ids[: len(backend.prompts[1]) - len(traj.prompt_ids)] == backend.prompts[1]
     kept = [i for i, m in zip(traj.completion_ids, traj.completion_mask, strict=True) if m == 1]
@@ -419,7 +419,7 @@ def test_void_turns_are_counted_by_the_loop_and_masked(tokenizer: Any) -> None:
 
     trajs = asyncio.run(run_all())
     assert {name: (t.termination, t.void_turns, t.reward) for name, t in trajs.items()} == {
-        "stopped": (T.STOPPED, 1, 0.0), "malformed": (T.ANSWERED, 1, 1.0), "good": (T.ANSWERED, 0, 1.0)}
+        "stopped": (STOPPED, 1, 0.0), "malformed": (ANSWERED, 1, 1.0), "good": (ANSWERED, 0, 1.0)}
     order = [trajs["stopped"], trajs["malformed"], trajs["good"]]
     masked = to_trl(order, MaskPolicy(void_turns=True), eos_id=tokenizer.eos_token_id)["env_mask"]
     assert [set(m) for m in masked] == [{0}, {0}, {0, 1}]

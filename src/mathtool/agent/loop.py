@@ -16,7 +16,6 @@ import zlib
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from mathtool.agent import trajectory as T
 from mathtool.agent.chat_format import ChatFormat
 from mathtool.agent.parsers import (
     HERMES,
@@ -34,6 +33,7 @@ from mathtool.data.problem import Problem
 from mathtool.errors import MathtoolError
 from mathtool.grading import extract_boxed, grade_async
 from mathtool.llm.base import Completion, LLMBackend, SamplingParams
+from mathtool.run_record import ANSWERED, BUDGET, CONTEXT, ERROR, MAX_TURNS, STOPPED
 from mathtool.sandbox.tool import PYTHON_TOOL, format_tool_result
 
 log = logging.getLogger(__name__)
@@ -143,8 +143,8 @@ class _Run:
         if self.config.context_length and self.tokens is not None:
             room = self.config.context_length - len(self.tokens.full)
             if room < left:
-                return room, T.CONTEXT
-        return left, T.BUDGET
+                return room, CONTEXT
+        return left, BUDGET
 
     async def generate(self, max_tokens: int) -> Completion:
         seed = self.config.sampling.seed
@@ -213,7 +213,7 @@ class _Run:
     async def loop(self, session: Any) -> str:
         """Turns until the model answers, stops, or a limit is hit; returns the termination reason."""
         if self.tokens is not None and len(self.tokens.prompt) > self.config.max_prompt_length:
-            return T.CONTEXT
+            return CONTEXT
         for turn in range(self.config.max_turns):
             max_tokens, limit = self.budget()
             if max_tokens <= 0:
@@ -224,15 +224,15 @@ class _Run:
             calls = self.tool_calls(completion)
             rest = completion.text[calls[-1].end :] if calls else after_reasoning(completion.text)
             if extract_boxed(rest) is not None:  # a final answer after the last call
-                return T.ANSWERED
+                return ANSWERED
             if all(call.code is None for call in calls):  # no call, or only malformed ones
                 self.traj.void_turns += 1
             if not calls:
-                return T.STOPPED
+                return STOPPED
             if turn == self.config.max_turns - 1:
-                return T.MAX_TURNS
+                return MAX_TURNS
             await self.run_tools(calls, session)
-        return T.MAX_TURNS
+        return MAX_TURNS
 
     async def finish(self, termination: str) -> Trajectory:
         traj = self.traj
@@ -258,5 +258,5 @@ async def run_agent(problem: Problem, sample: int, llm: LLMBackend, sandbox: Any
     except Exception as e:  # one failed trajectory is recorded, never aborts a run
         log.debug("trajectory %s/%d failed", problem.id, sample, exc_info=True)
         run.traj.error = str(e) if isinstance(e, MathtoolError) else f"{type(e).__name__}: {e}"
-        termination = T.ERROR
+        termination = ERROR
     return await run.finish(termination)

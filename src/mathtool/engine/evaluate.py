@@ -12,13 +12,12 @@ from typing import Any
 from mathtool.agent.chat_format import chat_setup, load_tokenizer
 from mathtool.agent.loop import AgentConfig
 from mathtool.data import load_problems
-from mathtool.engine.run_dir import RunDir, check_output, check_resume
 from mathtool.engine.runner import evaluate
 from mathtool.engine.settings import EvalSettings
 from mathtool.llm.base import SamplingParams
 from mathtool.llm.openai_backend import OpenAIBackend
 from mathtool.metrics import compute_metrics
-from mathtool.metrics.run_files import dataset_sha256
+from mathtool.run_record import RunDir, check_output, check_resume, dataset_sha256
 from mathtool.sandbox import PythonSandbox
 
 log = logging.getLogger(__name__)

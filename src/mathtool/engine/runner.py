@@ -12,11 +12,11 @@ from typing import Any
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mathtool.agent.loop import AgentConfig, run_agent
-from mathtool.agent.trajectory import ERROR, Trajectory
+from mathtool.agent.trajectory import Trajectory
 from mathtool.data.problem import Problem
-from mathtool.engine.run_dir import RunDir
 from mathtool.errors import ServerError
 from mathtool.llm.base import LLMBackend
+from mathtool.run_record import ERROR, RunDir
 
 log = logging.getLogger(__name__)
 
