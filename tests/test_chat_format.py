@@ -66,8 +66,7 @@ class Scripted:
 
 def run(tokenizer: Any, turns: list[str], thinking: bool | None = None, template: str = "qwen3",
         max_turns: int = 3) -> tuple[Trajectory, Scripted, AgentConfig]:
-    fmt, chat = chat_setup(tokenizer, template, thinking, None)
-    config = AgentConfig(tool_format=fmt, max_turns=max_turns, chat=chat, thinking=thinking)
+    config = AgentConfig(chat=chat_setup(tokenizer, template, thinking, None), max_turns=max_turns)
     backend = Scripted(tokenizer, turns)
 
     async def one() -> Trajectory:
@@ -122,27 +121,28 @@ def test_an_unknown_template_is_one_clear_error(tmp_path: Path) -> None:
 def test_tool_format_follows_from_the_template_by_one_rule(tokenizer: Any) -> None:
     from dataclasses import replace
 
+    from mathtool.agent.setup import agent_setup
+    from mathtool.engine.settings import EvalSettings
     from mathtool.train.config import TrainConfig
-    from mathtool.train.trainer import agent_settings
 
-    assert chat_setup(tokenizer, "qwen3", None, None)[0] == HERMES  # renders the tools into the system turn
-    assert chat_setup(tokenizer, None, None, None)[0] == MARKDOWN  # SmolLM2's own template ignores tools
-    assert chat_setup(None, "qwen3", None, None)[0] == HERMES  # the chat path decides the same way
-    assert chat_setup(tokenizer, "qwen3", None, MARKDOWN)[0] == MARKDOWN  # --tool-format overrides
-    # training builds its agent with the same rule
-    tokenizer.chat_template, own = read_chat_template("qwen3"), tokenizer.chat_template
-    try:
-        assert agent_settings(replace(TrainConfig(), thinking=False), tokenizer).tool_format == HERMES
-    finally:
-        tokenizer.chat_template = own
+    assert chat_setup(tokenizer, "qwen3", None, None).tool_format == HERMES  # renders the tools into the system turn
+    assert chat_setup(tokenizer, None, None, None).tool_format == MARKDOWN  # SmolLM2's own template ignores tools
+    assert chat_setup(None, "qwen3", None, None).tool_format == HERMES  # the chat path decides the same way
+    assert chat_setup(tokenizer, "qwen3", None, MARKDOWN).tool_format == MARKDOWN  # --tool-format overrides
+    # evaluation and training build their agent in one place, with the same rule, on either path
+    for settings in (replace(TrainConfig(), chat_template="qwen3", thinking=False),
+                     EvalSettings(chat_template="qwen3", thinking=False)):
+        for on_client in (tokenizer, None):
+            chat = agent_setup(settings, on_client, 4096).chat
+            assert (chat.tool_format, chat.thinking, chat.on_client) == (HERMES, False, on_client is not None)
 
 
 def test_qwen3_is_not_prefix_preserving_so_the_record_uses_trls_training_variant(tokenizer: Any) -> None:
     qwen3 = read_chat_template("qwen3")
     assert not is_prefix_preserving(tokenizer, qwen3, HERMES, None)
-    _, chat = chat_setup(tokenizer, "qwen3", None, None)
+    chat = chat_setup(tokenizer, "qwen3", None, None)
     assert chat.template == qwen3 and chat.record_template == read_chat_template("qwen3-training")
-    assert chat_setup(tokenizer, None, None, None)[1].record_template == tokenizer.chat_template
+    assert chat_setup(tokenizer, None, None, None).record_template == tokenizer.chat_template
 
 
 def test_prompt_holds_the_tool_schema_in_the_system_turn(tokenizer: Any) -> None:
@@ -220,7 +220,7 @@ def test_a_call_inside_think_is_not_executed(tokenizer: Any, turn: str) -> None:
 
 def test_a_made_up_tool_response_is_cut_and_the_tool_answers(tokenizer: Any) -> None:
     traj, backend, config = run(tokenizer, [CALL + "\n<tool_response>\n41\n</tool_response>", ANSWER])
-    assert config.tool_format == HERMES
+    assert config.chat.tool_format == HERMES
     assert traj.messages[2]["content"] == CALL and traj.messages[3]["content"] == "42"
     assert traj.token_exact and traj.reward == 1.0
 

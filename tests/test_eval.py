@@ -48,9 +48,8 @@ def tokenizer(embedded_server):
 @pytest.fixture(scope="module")
 def tool_trajectories(embedded_server, tokenizer) -> list:
     """Trajectories of the real model on a problem that asks for code; some of them call the tool."""
-    _, chat = chat_setup(tokenizer, None, None, MARKDOWN)
-    config = AgentConfig(tool_format=MARKDOWN, max_turns=3, max_response_length=400, context_length=4096,
-                         sampling=SamplingParams(temperature=0.8, top_p=0.95), chat=chat)
+    config = AgentConfig(chat=chat_setup(tokenizer, None, None, MARKDOWN), max_turns=3, max_response_length=400,
+                         context_length=4096, sampling=SamplingParams(temperature=0.8, top_p=0.95))
 
     async def run_all() -> list:
         async with OpenAIBackend([embedded_server.base_url], embedded_server.model, supports_token_ids=True) as llm:

@@ -19,6 +19,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from mathtool.agent.setup import agent_setup
 from mathtool.agent.trajectory import Trajectory
 from mathtool.data.problem import Problem
 from mathtool.errors import ConfigError
@@ -31,7 +32,7 @@ from mathtool.train.monitor import METRICS_FILE, read_rows
 from mathtool.train.rewards import reward_functions
 from mathtool.train.rollout import AgentRollout, MaskPolicy, to_trl
 from mathtool.train.runtime import AgentRuntime
-from mathtool.train.trainer import agent_settings, build_trainer
+from mathtool.train.trainer import build_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 PROBLEMS = [Problem("add", "Use Python to compute 20 + 22.", "42"),
@@ -104,8 +105,8 @@ def _config(model_dir: Path, **changes: Any) -> TrainConfig:
 
 def _rollout(tokenizer: Any, runtime: Any, backend: Any) -> AgentRollout:
     config = _config(Path("unused"))
-    return AgentRollout(PROBLEMS, runtime, agent_settings(config, tokenizer), lambda trainer: backend,
-                        reward_functions(1.0, 0.5, 0.0), MaskPolicy(), n_parallel=8)
+    return AgentRollout(PROBLEMS, runtime, agent_setup(config, tokenizer, config.context_length),
+                        lambda trainer: backend, reward_functions(1.0, 0.5, 0.0), MaskPolicy(), n_parallel=8)
 
 
 def test_env_mask_excludes_exactly_the_tool_output(tokenizer: Any, runtime: Any) -> None:
@@ -197,8 +198,8 @@ def test_one_step_changes_the_weights_and_writes_metrics(tiny_model_dir: Path, t
     config = _config(tiny_model_dir, eval_every=1, eval_samples=1)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    trainer = build_trainer(config, model, agent_settings(config, tokenizer), PROBLEMS, PROBLEMS[:1], runtime,
-                            tmp_path)
+    trainer = build_trainer(config, model, agent_setup(config, tokenizer, config.context_length), PROBLEMS,
+                            PROBLEMS[:1], runtime, tmp_path)
     backend = ScriptedBackend(tokenizer)
     trainer.rollout_func.make_backend = lambda _trainer: backend
     trainer.train()
@@ -294,8 +295,8 @@ def test_a_made_up_output_is_cut_and_the_tool_answers_instead(tokenizer: Any) ->
 
     async def one() -> Trajectory:
         async with PythonSandbox(timeout_s=5) as sandbox:
-            chat = chat_setup(tokenizer, None, None, None)[1]
-            return await run_agent(PROBLEMS[1], 0, backend, sandbox, AgentConfig(max_turns=2, chat=chat))
+            chat = chat_setup(tokenizer, None, None, None)
+            return await run_agent(PROBLEMS[1], 0, backend, sandbox, AgentConfig(chat=chat, max_turns=2))
 
     traj = asyncio.run(one())
     assert all(p.stop == ("```output",) for p in backend.params)  # the server may stop there itself
@@ -411,8 +412,7 @@ def test_void_turns_are_counted_by_the_loop_and_masked(tokenizer: Any) -> None:
                "good": [call, "So \\boxed{54}."]}
 
     async def run_all() -> dict[str, Trajectory]:
-        tool_format, chat = chat_setup(tokenizer, "qwen3", None, None)
-        config = AgentConfig(tool_format=tool_format, max_turns=3, chat=chat)
+        config = AgentConfig(chat=chat_setup(tokenizer, "qwen3", None, None), max_turns=3)
         async with PythonSandbox(timeout_s=5) as sandbox:
             return {name: await run_agent(PROBLEMS[1], 0, Replies(texts), sandbox, config)
                     for name, texts in scripts.items()}
@@ -430,10 +430,10 @@ def test_void_turns_are_counted_by_the_loop_and_masked(tokenizer: Any) -> None:
 def _algorithm_rollout(tokenizer: Any, runtime: Any, problems: list[Problem], max_rounds: int) -> AgentRollout:
     from mathtool.train.rollout import DynamicSampling
 
-    backend = BehaviourBackend(tokenizer)
-    return AgentRollout(problems, runtime, agent_settings(_config(Path("unused")), tokenizer), lambda trainer: backend,
-                        reward_functions(1.0, 0.5, 0.0), MaskPolicy(void_turns=True), n_parallel=8,
-                        dynamic=DynamicSampling(group_size=2, max_rounds=max_rounds))
+    backend, config = BehaviourBackend(tokenizer), _config(Path("unused"))
+    return AgentRollout(problems, runtime, agent_setup(config, tokenizer, config.context_length),
+                        lambda trainer: backend, reward_functions(1.0, 0.5, 0.0), MaskPolicy(void_turns=True),
+                        n_parallel=8, dynamic=DynamicSampling(group_size=2, max_rounds=max_rounds))
 
 
 def test_dynamic_sampling_replaces_equal_reward_groups_in_place(tokenizer: Any, runtime: Any) -> None:
@@ -474,7 +474,7 @@ def test_a_step_with_all_three_algorithms_logs_what_they_removed(tiny_model_dir:
     config = _config(tiny_model_dir, dynamic_sampling=True, dynamic_sampling_max_rounds=2, mask_void_turns=True,
                      overlong_buffer=62)  # penalty from 3 tokens on: every trajectory
     trainer = build_trainer(config, AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                            agent_settings(config, tokenizer), problems, [], runtime, tmp_path)
+                            agent_setup(config, tokenizer, config.context_length), problems, [], runtime, tmp_path)
     trainer.rollout_func.make_backend = lambda _trainer: BehaviourBackend(tokenizer)
     trainer.train()
     row = read_rows(tmp_path / METRICS_FILE)[0]

@@ -7,7 +7,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -17,6 +16,7 @@ from mathtool.data.problem import Problem
 from mathtool.errors import ServerError
 from mathtool.llm.base import LLMBackend
 from mathtool.run_record import ERROR, RunDir
+from mathtool.sandbox.base import Sandbox
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def pending_jobs(problems: list[Problem], n_samples: int, finished: set[tuple[st
 async def run_many(
     jobs: list[tuple[Problem, int]],
     llm: LLMBackend,
-    sandbox: Any,
+    sandbox: Sandbox,
     agent_config: AgentConfig,
     n_parallel: int,
     on_done: Callable[[Trajectory, _Stats], None],
@@ -97,7 +97,7 @@ async def evaluate(
     n_samples: int,
     run_dir: RunDir,
     llm: LLMBackend,
-    sandbox: Any,
+    sandbox: Sandbox,
     agent_config: AgentConfig,
     n_parallel: int,
 ) -> _Stats:

@@ -176,8 +176,8 @@ class AgentRollout:
         self.dynamic = dynamic
         self.backend: LLMBackend | None = None
         self.stats: list[RolloutStats] = []
-        if agent_config.chat is None:
-            raise ConfigError("training needs the token-exact path: an AgentConfig with a ChatFormat")
+        if not agent_config.chat.on_client:
+            raise ConfigError("training needs the token-exact path: a ChatFormat with a tokenizer")
         self.eos_id = agent_config.chat.eos_token_id
 
     def __call__(self, prompts: list[str], trainer: Any) -> dict[str, list[Any]]:
