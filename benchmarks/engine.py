@@ -48,7 +48,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from openai import AsyncOpenAI
 from transformers import AutoTokenizer
 
 from mathtool.agent.chat_format import ChatFormat, chat_setup
@@ -62,6 +61,11 @@ from mathtool.llm.base import SamplingParams
 from mathtool.llm.openai_backend import OpenAIBackend, server_root
 from mathtool.sandbox import PythonSandbox
 from mathtool.serve import embedded_spec, ensure_embedded_model, running_server
+
+try:
+    from openai import AsyncOpenAI
+except ImportError:
+    raise SystemExit("benchmarks/engine.py needs the openai client: pip install -e '.[bench]'") from None
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SEED, TEMPERATURE, TOP_P = 1234, 0.6, 0.95

@@ -150,12 +150,12 @@ def test_prompt_holds_the_tool_schema_in_the_system_turn(tokenizer: Any) -> None
     prompt = tokenizer.decode(traj.prompt_ids)
     assert prompt.startswith("<|im_start|>system\n") and "<tools>\n" in prompt and '"name": "python"' in prompt
     assert prompt.index("</tools>") < prompt.index("<|im_start|>user\nWhat is 6 * 7?")
-    assert (traj.termination, traj.reward, traj.num_tool_calls) == (ANSWERED, 1.0, 0)
+    assert (traj.termination, traj.correct, traj.num_tool_calls) == (ANSWERED, True, 0)
 
 
 def test_a_turn_without_a_think_block_stays_exact(tokenizer: Any) -> None:
     traj, backend, _ = run(tokenizer, [CALL, ANSWER])
-    assert (traj.termination, traj.reward, traj.num_tool_calls) == (ANSWERED, 1.0, 1)
+    assert (traj.termination, traj.correct, traj.num_tool_calls) == (ANSWERED, True, 1)
     check_turn_by_turn(tokenizer, traj, backend, read_chat_template("qwen3"), None)
     second = tokenizer.decode(backend.prompts[1])
     assert second.endswith("<|im_end|>\n<|im_start|>user\n<tool_response>\n42\n</tool_response><|im_end|>\n"
@@ -173,14 +173,14 @@ def test_an_empty_think_block_stays_exact(tokenizer: Any) -> None:
 def test_reasoning_then_a_call_stays_exact(tokenizer: Any) -> None:
     traj, backend, _ = run(tokenizer, ["<think>\nI should compute it.\n</think>\n\n" + CALL,
                                        "<think>\nIt printed 42.\n</think>\n\n" + ANSWER])
-    assert (traj.termination, traj.reward) == (ANSWERED, 1.0)
+    assert (traj.termination, traj.correct) == (ANSWERED, True)
     check_turn_by_turn(tokenizer, traj, backend, read_chat_template("qwen3"), None)
 
 
 def test_no_thinking_stays_exact(tokenizer: Any) -> None:
     traj, backend, _ = run(tokenizer, [CALL, ANSWER], thinking=False)
     assert tokenizer.decode(backend.prompts[0]).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
-    assert (traj.termination, traj.reward) == (ANSWERED, 1.0)
+    assert (traj.termination, traj.correct) == (ANSWERED, True)
     check_turn_by_turn(tokenizer, traj, backend, read_chat_template("qwen3-training"), False)
 
 
@@ -222,7 +222,7 @@ def test_a_made_up_tool_response_is_cut_and_the_tool_answers(tokenizer: Any) -> 
     traj, backend, config = run(tokenizer, [CALL + "\n<tool_response>\n41\n</tool_response>", ANSWER])
     assert config.chat.tool_format == HERMES
     assert traj.messages[2]["content"] == CALL and traj.messages[3]["content"] == "42"
-    assert traj.token_exact and traj.reward == 1.0
+    assert traj.token_exact and traj.correct
 
 
 def test_a_template_that_cannot_be_extended_is_counted_as_inexact(tokenizer: Any, tmp_path: Path) -> None:

@@ -303,7 +303,7 @@ def test_a_made_up_output_is_cut_and_the_tool_answers_instead(tokenizer: Any) ->
     assistant = [m["content"] for m in traj.messages if m["role"] == "assistant"]
     assert assistant == ["```python\nprint(6 * 9)\n```", "So it is \\boxed{54}."]
     assert traj.messages[3] == {"role": "user", "content": "```output\n54\n```"}
-    assert (traj.num_tool_calls, traj.reward, traj.termination, traj.token_exact) == (1, 1.0, ANSWERED, True)
+    assert (traj.num_tool_calls, traj.correct, traj.termination, traj.token_exact) == (1, True, ANSWERED, True)
     # the record holds only what the model kept, and extends exactly into the second prompt
     assert traj.prompt_ids + traj.completion_ids[: len(backend.prompts[1]) - len(traj.prompt_ids)] == backend.prompts[1]
     kept = [i for i, m in zip(traj.completion_ids, traj.completion_mask, strict=True) if m == 1]
@@ -323,8 +323,8 @@ def test_evaluation_in_a_vllm_mode_first_syncs_this_steps_weights() -> None:
     trainer = SimpleNamespace(use_vllm=True, _last_loaded_step=4, vllm_generation=engine, accelerator=None,
                               state=SimpleNamespace(global_step=5))
     rollout = SimpleNamespace(backend="vllm")
-    evaluator = lambda step, backend, accelerator: events.append(f"eval {step}") or {}  # noqa: E731
-    monitor = TrainingMonitor(Path("unused"), rollout, evaluator, eval_every=5, trainer=trainer)
+    held_out = lambda step, backend, accelerator: events.append(f"eval {step}") or {}  # noqa: E731
+    monitor = TrainingMonitor(Path("unused"), rollout, held_out, eval_every=5, trainer=trainer)
     monitor.on_step_end(None, SimpleNamespace(global_step=5, max_steps=10), None)
     assert events == ["sync", "eval 5"] and trainer._last_loaded_step == 5
     monitor.on_step_end(None, SimpleNamespace(global_step=5, max_steps=10), None)  # already in sync: no push
@@ -418,8 +418,8 @@ def test_void_turns_are_counted_by_the_loop_and_masked(tokenizer: Any) -> None:
                     for name, texts in scripts.items()}
 
     trajs = asyncio.run(run_all())
-    assert {name: (t.termination, t.void_turns, t.reward) for name, t in trajs.items()} == {
-        "stopped": (STOPPED, 1, 0.0), "malformed": (ANSWERED, 1, 1.0), "good": (ANSWERED, 0, 1.0)}
+    assert {name: (t.termination, t.void_turns, t.correct) for name, t in trajs.items()} == {
+        "stopped": (STOPPED, 1, False), "malformed": (ANSWERED, 1, True), "good": (ANSWERED, 0, True)}
     order = [trajs["stopped"], trajs["malformed"], trajs["good"]]
     masked = to_trl(order, MaskPolicy(void_turns=True), eos_id=tokenizer.eos_token_id)["env_mask"]
     assert [set(m) for m in masked] == [{0}, {0}, {0, 1}]

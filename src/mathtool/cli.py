@@ -144,7 +144,7 @@ def eval_command(
     flags = {k: str(v) if isinstance(v, Path) else v for k, v in locals().items() if k != "config"}
     import asyncio
 
-    from mathtool.engine.evaluate import run_eval
+    from mathtool.engine.eval_pipeline import run_eval
     from mathtool.engine.settings import resolve
     from mathtool.metrics import summary_table
 

@@ -9,7 +9,9 @@ Nothing is overwritten silently: a directory that already holds trajectories is 
 (`TRAJECTORY_SETTINGS`), and one that changes another setting (say n_parallel_agents) says so. A torn last
 line (a run killed mid-write: no newline, or not JSON) is cut off with a warning when a run resumes, and
 skipped with a warning when a run is read; both ask `_torn_tail`. A resumed run appends a redone trajectory
-after its errored first try, so the reader keeps the last record per (problem, sample).
+after its errored first try, so the reader keeps the last record per (problem, sample). The reader also
+reads the records of older runs (a field renamed since is renamed as it is read), so runs written before
+still report, compare and resume.
 
 This module imports only `errors`, `paths` and `data.problem`: the agent names its terminations from here,
 the engine writes through it, the metrics and reports read through it.
@@ -50,8 +52,8 @@ RESUME_FIX = "make room or fix the directory, then rerun with --resume"
 
 
 def record_is_correct(record: dict[str, Any]) -> bool:
-    """Whether a trajectory record was graded equal to the ground truth (its reward is 1.0)."""
-    return float(record.get("reward") or 0.0) >= 1.0
+    """Whether a trajectory record was graded equal to the ground truth."""
+    return bool(record.get("correct"))
 
 
 def record_failed(record: dict[str, Any]) -> bool:
@@ -94,8 +96,15 @@ def read_trajectory_records(path: Path) -> list[dict[str, Any]]:
     for number, line in enumerate(lines, start=1):
         record = _parse_line(path, number, line) if line.strip() else None
         if record is not None:
-            latest[(str(record["problem_id"]), int(record.get("sample", 0)))] = record
+            latest[(str(record["problem_id"]), int(record.get("sample", 0)))] = _as_written_today(record)
     return list(latest.values())
+
+
+def _as_written_today(record: dict[str, Any]) -> dict[str, Any]:
+    """A record in today's shape: older runs wrote `correct` as `reward` (1.0 when right)."""
+    if "reward" in record and "correct" not in record:
+        record["correct"] = float(record.pop("reward") or 0.0) >= 1.0
+    return record
 
 
 def _parse_line(path: Path, number: int, line: str) -> dict[str, Any] | None:

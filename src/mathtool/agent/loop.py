@@ -240,7 +240,7 @@ class _Run:
         started = time.perf_counter()
         result = await grade_async(final, self.problem.answer)
         traj.timings["grading"] = time.perf_counter() - started
-        traj.extracted_answer, traj.reward = result.extracted, float(result.correct)
+        traj.extracted_answer, traj.correct = result.extracted, result.correct
         return traj
 
 

@@ -19,7 +19,7 @@ class Trajectory:
     num_turns: int = 0
     void_turns: int = 0  # model turns that ended with neither a runnable tool call nor a final answer
     response_tokens: int = 0  # model-generated tokens, all turns
-    reward: float = 0.0
+    correct: bool = False  # the final answer was graded equal to the ground truth (training's reward is another)
     extracted_answer: str | None = None
     ground_truth: str = ""
     # Token-exact record (present when the backend returns token ids):

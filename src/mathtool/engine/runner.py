@@ -26,7 +26,7 @@ class _Stats:
     """What the progress line shows."""
 
     done: int = 0
-    correct: float = 0.0
+    correct: int = 0
     tokens: int = 0
     tool_calls: int = 0
     errors_in_a_row: int = 0
@@ -34,7 +34,7 @@ class _Stats:
 
     def add(self, traj: Trajectory) -> None:
         self.done += 1
-        self.correct += traj.reward
+        self.correct += traj.correct
         self.tokens += traj.response_tokens
         self.tool_calls += traj.num_tool_calls
         self.errors_in_a_row = self.errors_in_a_row + 1 if traj.termination == ERROR else 0
@@ -92,7 +92,7 @@ async def run_many(
     return stats
 
 
-async def evaluate(
+async def run_pending(
     problems: list[Problem],
     n_samples: int,
     run_dir: RunDir,

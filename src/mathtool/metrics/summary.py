@@ -108,7 +108,7 @@ def _trajectory_stats(trajectories: list[dict[str, Any]]) -> dict[str, Any]:
     terminations = Counter(str(r.get("termination")) for r in trajectories)
     empty = not trajectories
     return {
-        "mean_reward": None if empty else fmean(float(r.get("reward") or 0.0) for r in trajectories),
+        "mean_correct": None if empty else fmean(record_is_correct(r) for r in trajectories),
         "mean_response_tokens": None if empty else fmean(tokens),
         "max_response_tokens": None if empty else max(tokens),
         "mean_tool_calls": None if empty else fmean(tool_calls),

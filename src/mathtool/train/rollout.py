@@ -96,7 +96,7 @@ def trl_sequences(traj: Trajectory, keep: bool, eos_id: int) -> tuple[list[int],
 
 def reward_fields(trajs: Sequence[Trajectory]) -> dict[str, list[Any]]:
     return {
-        "correct": [t.reward for t in trajs],
+        "correct": [float(t.correct) for t in trajs],
         "answered": [float(t.termination == ANSWERED) for t in trajs],
         "num_tool_calls": [t.num_tool_calls for t in trajs],
         "response_tokens": [t.response_tokens for t in trajs],
@@ -140,7 +140,7 @@ def summarize(traj: Trajectory, reward: float, kept: bool) -> dict[str, Any]:
     return {
         "problem_id": traj.problem_id,
         "reward": reward,
-        "correct": traj.reward,
+        "correct": float(traj.correct),
         "answered": float(traj.termination == ANSWERED),
         "tool_calls": traj.num_tool_calls,
         "response_tokens": traj.response_tokens,

@@ -20,8 +20,8 @@ from mathtool.errors import ConfigError, DatasetError
 from mathtool.paths import atomic_write_text, check_writable, write_errors
 from mathtool.train.config import ARITHMETIC, EMBEDDED_MODEL, TrainConfig, resolve
 from mathtool.train.curriculum import arithmetic_problems
-from mathtool.train.evaluation import Evaluator
 from mathtool.train.generation import backend_factory
+from mathtool.train.held_out import HeldOutEval
 from mathtool.train.monitor import (
     CURVE_FILE,
     METRICS_FILE,
@@ -107,11 +107,11 @@ def build_trainer(
             processing_class=tokenizer,
             rollout_func=rollout,
         )
-    evaluator = None
+    held_out = None
     if eval_problems:
-        evaluator = Evaluator(eval_problems, config.eval_samples, runtime, agent_config, config.n_parallel_agents,
+        held_out = HeldOutEval(eval_problems, config.eval_samples, runtime, agent_config, config.n_parallel_agents,
                               output)
-    trainer.add_callback(TrainingMonitor(output, rollout, evaluator, config.eval_every, trainer))
+    trainer.add_callback(TrainingMonitor(output, rollout, held_out, config.eval_every, trainer))
     return trainer
 
 

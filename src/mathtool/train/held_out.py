@@ -25,7 +25,9 @@ from mathtool.train.runtime import AgentRuntime
 log = logging.getLogger(__name__)
 
 
-class Evaluator:
+class HeldOutEval:
+    """The policy evaluated on held-out problems, every `eval_every` steps (called by `TrainingMonitor`)."""
+
     def __init__(
         self,
         problems: list[Problem],

@@ -11,7 +11,7 @@ from typing import Any
 
 from mathtool.agent.setup import agent_setup, load_tokenizer
 from mathtool.data import load_problems
-from mathtool.engine.runner import evaluate
+from mathtool.engine.runner import run_pending
 from mathtool.engine.settings import EvalSettings
 from mathtool.llm.openai_backend import OpenAIBackend
 from mathtool.metrics import compute_metrics
@@ -78,7 +78,7 @@ async def run_eval(settings: EvalSettings) -> tuple[dict[str, Any], Path]:
             run_dir = RunDir(output, resolved, resume=settings.resume)
             try:
                 async with PythonSandbox(timeout_s=settings.tool_timeout_s) as sandbox:
-                    await evaluate(problems, settings.n_samples, run_dir, llm, sandbox, agent_config,
+                    await run_pending(problems, settings.n_samples, run_dir, llm, sandbox, agent_config,
                                    settings.n_parallel_agents)
             finally:
                 run_dir.close()
