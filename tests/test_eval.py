@@ -83,7 +83,9 @@ def test_a_real_trajectory_calls_the_tool_and_reads_its_output(tool_trajectories
 
 
 def test_mask_is_one_exactly_on_model_tokens(tool_trajectories, tokenizer) -> None:
-    for traj in [t for t in tool_trajectories if t.num_tool_calls > 0]:
+    with_tools = [t for t in tool_trajectories if t.num_tool_calls > 0]
+    assert with_tools, "no trajectory called the tool: no tool output to check the mask on"
+    for traj in with_tools:
         ids, mask, logprobs = traj.completion_ids, traj.completion_mask, traj.logprobs
         assert traj.token_exact and len(ids) == len(mask) == len(logprobs)
         assistant = [m["content"] for m in traj.messages if m["role"] == "assistant"]
