@@ -79,7 +79,7 @@ async def run_eval(settings: EvalSettings) -> tuple[dict[str, Any], Path]:
             try:
                 async with PythonSandbox(timeout_s=settings.tool_timeout_s) as sandbox:
                     await run_pending(problems, settings.n_samples, run_dir, llm, sandbox, agent_config,
-                                   settings.n_parallel_agents)
+                                      settings.n_parallel_agents)
             finally:
                 run_dir.close()
     ids = {p.id for p in problems}
