@@ -8,6 +8,7 @@ token ids ending in <|im_end|>, and records the prompt ids it was sent: the sand
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,21 @@ def test_tool_format_follows_from_the_template_by_one_rule(tokenizer: Any) -> No
         for on_client in (tokenizer, None):
             chat = agent_setup(settings, on_client, 4096).chat
             assert (chat.tool_format, chat.thinking, chat.on_client) == (HERMES, False, on_client is not None)
+
+
+def test_the_tokenizer_is_loaded_with_the_runs_template_or_not_at_all(tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    from mathtool.agent.setup import load_tokenizer
+    from mathtool.serve.embedded import ensure_embedded_model
+
+    loaded = load_tokenizer(str(ensure_embedded_model()), "qwen3", required=True)
+    assert loaded.chat_template == read_chat_template("qwen3")  # what training's checkpoints then carry
+    missing = str(tmp_path / "no-model")
+    with caplog.at_level(logging.WARNING):
+        assert load_tokenizer(missing) is None  # evaluation falls back to the chat path, and says so
+    assert f"cannot load the tokenizer of {missing}" in caplog.text
+    with pytest.raises(ConfigError, match=f"^cannot load the tokenizer of '{missing}': [^\n]+$"):
+        load_tokenizer(missing, required=True)  # training cannot
 
 
 def test_qwen3_is_not_prefix_preserving_so_the_record_uses_trls_training_variant(tokenizer: Any) -> None:
