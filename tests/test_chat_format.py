@@ -8,13 +8,13 @@ token ids ending in <|im_end|>, and records the prompt ids it was sent: the sand
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 from typing import Any
 
 import pytest
 from transformers import AutoTokenizer
 
-from mathtool.agent import trajectory as T
 from mathtool.agent.chat_format import (
     chat_setup,
     chat_template_path,
@@ -28,6 +28,7 @@ from mathtool.data.problem import Problem
 from mathtool.errors import ConfigError
 from mathtool.llm.base import Completion, SamplingParams
 from mathtool.metrics import compute_metrics
+from mathtool.run_record import ANSWERED, STOPPED
 from mathtool.sandbox import PythonSandbox
 
 PROBLEM = Problem("mul", "What is 6 * 7?", "42")
@@ -66,8 +67,7 @@ class Scripted:
 
 def run(tokenizer: Any, turns: list[str], thinking: bool | None = None, template: str = "qwen3",
         max_turns: int = 3) -> tuple[Trajectory, Scripted, AgentConfig]:
-    fmt, chat = chat_setup(tokenizer, template, thinking, None)
-    config = AgentConfig(tool_format=fmt, max_turns=max_turns, chat=chat, thinking=thinking)
+    config = AgentConfig(chat=chat_setup(tokenizer, template, thinking, None), max_turns=max_turns)
     backend = Scripted(tokenizer, turns)
 
     async def one() -> Trajectory:
@@ -120,27 +120,43 @@ def test_an_unknown_template_is_one_clear_error(tmp_path: Path) -> None:
 
 
 def test_tool_format_follows_from_the_template_by_one_rule(tokenizer: Any) -> None:
+    from mathtool.agent.setup import agent_setup
+    from mathtool.engine.settings import EvalSettings
     from mathtool.train.config import TrainConfig
-    from mathtool.train.trainer import agent_settings
 
-    assert chat_setup(tokenizer, "qwen3", None, None)[0] == HERMES  # renders the tools into the system turn
-    assert chat_setup(tokenizer, None, None, None)[0] == MARKDOWN  # SmolLM2's own template ignores tools
-    assert chat_setup(None, "qwen3", None, None)[0] == HERMES  # the chat path decides the same way
-    assert chat_setup(tokenizer, "qwen3", None, MARKDOWN)[0] == MARKDOWN  # --tool-format overrides
-    # training builds its agent with the same rule
-    tokenizer.chat_template, own = read_chat_template("qwen3"), tokenizer.chat_template
-    try:
-        assert agent_settings(TrainConfig(thinking=False), tokenizer).tool_format == HERMES
-    finally:
-        tokenizer.chat_template = own
+    assert chat_setup(tokenizer, "qwen3", None, None).tool_format == HERMES  # renders the tools into the system turn
+    assert chat_setup(tokenizer, None, None, None).tool_format == MARKDOWN  # SmolLM2's own template ignores tools
+    assert chat_setup(None, "qwen3", None, None).tool_format == HERMES  # the chat path decides the same way
+    assert chat_setup(tokenizer, "qwen3", None, MARKDOWN).tool_format == MARKDOWN  # --tool-format overrides
+    # evaluation and training build their agent in one place, with the same rule, on either path
+    for settings in (TrainConfig(chat_template="qwen3", thinking=False),
+                     EvalSettings(chat_template="qwen3", thinking=False)):
+        for on_client in (tokenizer, None):
+            chat = agent_setup(settings, on_client, 4096).chat
+            assert (chat.tool_format, chat.thinking, chat.on_client) == (HERMES, False, on_client is not None)
+
+
+def test_the_tokenizer_is_loaded_with_the_runs_template_or_not_at_all(tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    from mathtool.agent.setup import load_tokenizer
+    from mathtool.serve.embedded import ensure_embedded_model
+
+    loaded = load_tokenizer(str(ensure_embedded_model()), "qwen3", required=True)
+    assert loaded.chat_template == read_chat_template("qwen3")  # what training's checkpoints then carry
+    missing = str(tmp_path / "no-model")
+    with caplog.at_level(logging.WARNING):
+        assert load_tokenizer(missing) is None  # evaluation falls back to the chat path, and says so
+    assert f"cannot load the tokenizer of {missing}" in caplog.text
+    with pytest.raises(ConfigError, match=f"^cannot load the tokenizer of '{missing}': [^\n]+$"):
+        load_tokenizer(missing, required=True)  # training cannot
 
 
 def test_qwen3_is_not_prefix_preserving_so_the_record_uses_trls_training_variant(tokenizer: Any) -> None:
     qwen3 = read_chat_template("qwen3")
     assert not is_prefix_preserving(tokenizer, qwen3, HERMES, None)
-    _, chat = chat_setup(tokenizer, "qwen3", None, None)
+    chat = chat_setup(tokenizer, "qwen3", None, None)
     assert chat.template == qwen3 and chat.record_template == read_chat_template("qwen3-training")
-    assert chat_setup(tokenizer, None, None, None)[1].record_template == tokenizer.chat_template
+    assert chat_setup(tokenizer, None, None, None).record_template == tokenizer.chat_template
 
 
 def test_prompt_holds_the_tool_schema_in_the_system_turn(tokenizer: Any) -> None:
@@ -148,12 +164,12 @@ def test_prompt_holds_the_tool_schema_in_the_system_turn(tokenizer: Any) -> None
     prompt = tokenizer.decode(traj.prompt_ids)
     assert prompt.startswith("<|im_start|>system\n") and "<tools>\n" in prompt and '"name": "python"' in prompt
     assert prompt.index("</tools>") < prompt.index("<|im_start|>user\nWhat is 6 * 7?")
-    assert (traj.termination, traj.reward, traj.num_tool_calls) == (T.ANSWERED, 1.0, 0)
+    assert (traj.termination, traj.correct, traj.num_tool_calls) == (ANSWERED, True, 0)
 
 
 def test_a_turn_without_a_think_block_stays_exact(tokenizer: Any) -> None:
     traj, backend, _ = run(tokenizer, [CALL, ANSWER])
-    assert (traj.termination, traj.reward, traj.num_tool_calls) == (T.ANSWERED, 1.0, 1)
+    assert (traj.termination, traj.correct, traj.num_tool_calls) == (ANSWERED, True, 1)
     check_turn_by_turn(tokenizer, traj, backend, read_chat_template("qwen3"), None)
     second = tokenizer.decode(backend.prompts[1])
     assert second.endswith("<|im_end|>\n<|im_start|>user\n<tool_response>\n42\n</tool_response><|im_end|>\n"
@@ -164,21 +180,21 @@ def test_an_empty_think_block_stays_exact(tokenizer: Any) -> None:
     # qwen3.jinja drops an empty think block from a turn a tool message follows; the record keeps it, as
     # the model wrote and saw it, which is what the prefix-preserving training variant renders.
     traj, backend, _ = run(tokenizer, ["<think>\n\n</think>\n\n" + CALL, "<think>\n\n</think>\n\n" + ANSWER])
-    assert (traj.termination, traj.num_tool_calls) == (T.ANSWERED, 1)
+    assert (traj.termination, traj.num_tool_calls) == (ANSWERED, 1)
     check_turn_by_turn(tokenizer, traj, backend, read_chat_template("qwen3-training"), None)
 
 
 def test_reasoning_then_a_call_stays_exact(tokenizer: Any) -> None:
     traj, backend, _ = run(tokenizer, ["<think>\nI should compute it.\n</think>\n\n" + CALL,
                                        "<think>\nIt printed 42.\n</think>\n\n" + ANSWER])
-    assert (traj.termination, traj.reward) == (T.ANSWERED, 1.0)
+    assert (traj.termination, traj.correct) == (ANSWERED, True)
     check_turn_by_turn(tokenizer, traj, backend, read_chat_template("qwen3"), None)
 
 
 def test_no_thinking_stays_exact(tokenizer: Any) -> None:
     traj, backend, _ = run(tokenizer, [CALL, ANSWER], thinking=False)
     assert tokenizer.decode(backend.prompts[0]).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
-    assert (traj.termination, traj.reward) == (T.ANSWERED, 1.0)
+    assert (traj.termination, traj.correct) == (ANSWERED, True)
     check_turn_by_turn(tokenizer, traj, backend, read_chat_template("qwen3-training"), False)
 
 
@@ -192,7 +208,7 @@ def test_the_newline_after_im_end_is_the_environments(tokenizer: Any) -> None:
 def test_text_before_the_call_and_two_calls_in_one_turn(tokenizer: Any) -> None:
     second = CALL.replace("6 * 7", "6 + 7")
     traj, backend, _ = run(tokenizer, ["Let me compute both.\n" + CALL + "\n" + second, ANSWER])
-    assert traj.num_tool_calls == 2 and traj.termination == T.ANSWERED
+    assert traj.num_tool_calls == 2 and traj.termination == ANSWERED
     check_turn_by_turn(tokenizer, traj, backend, read_chat_template("qwen3"), None)
     prompt = tokenizer.decode(backend.prompts[1])
     assert ("<|im_start|>user\n<tool_response>\n42\n</tool_response>\n<tool_response>\n13\n</tool_response>"
@@ -202,7 +218,7 @@ def test_text_before_the_call_and_two_calls_in_one_turn(tokenizer: Any) -> None:
 def test_malformed_json_is_answered_with_an_error_and_stays_exact(tokenizer: Any) -> None:
     traj, backend, _ = run(tokenizer, ['<tool_call>\n{"name": "python", "arguments": {"code": </tool_call>', CALL,
                                        ANSWER])
-    assert traj.num_tool_calls == 1 and traj.termination == T.ANSWERED
+    assert traj.num_tool_calls == 1 and traj.termination == ANSWERED
     assert traj.messages[3]["role"] == "tool" and traj.messages[3]["content"].startswith("Error: tool call is not")
     check_turn_by_turn(tokenizer, traj, backend, read_chat_template("qwen3"), None)
 
@@ -213,14 +229,14 @@ def test_malformed_json_is_answered_with_an_error_and_stays_exact(tokenizer: Any
 ])
 def test_a_call_inside_think_is_not_executed(tokenizer: Any, turn: str) -> None:
     traj, backend, _ = run(tokenizer, [turn])
-    assert (traj.num_tool_calls, traj.termination, len(backend.prompts)) == (0, T.STOPPED, 1)
+    assert (traj.num_tool_calls, traj.termination, len(backend.prompts)) == (0, STOPPED, 1)
 
 
 def test_a_made_up_tool_response_is_cut_and_the_tool_answers(tokenizer: Any) -> None:
     traj, backend, config = run(tokenizer, [CALL + "\n<tool_response>\n41\n</tool_response>", ANSWER])
-    assert config.tool_format == HERMES
+    assert config.chat.tool_format == HERMES
     assert traj.messages[2]["content"] == CALL and traj.messages[3]["content"] == "42"
-    assert traj.token_exact and traj.reward == 1.0
+    assert traj.token_exact and traj.correct
 
 
 def test_a_template_that_cannot_be_extended_is_counted_as_inexact(tokenizer: Any, tmp_path: Path) -> None:
@@ -228,7 +244,7 @@ def test_a_template_that_cannot_be_extended_is_counted_as_inexact(tokenizer: Any
     custom = tmp_path / "qwen3-copy.jinja"
     custom.write_text("{#- a copy -#}\n" + read_chat_template("qwen3"))
     traj, backend, _ = run(tokenizer, [CALL, ANSWER], template=str(custom))
-    assert traj.termination == T.ANSWERED and not traj.token_exact
+    assert traj.termination == ANSWERED and not traj.token_exact
     # what was sampled before the resync is masked out; the turn sampled after it counts
     model_tokens = [t for t, m in zip(traj.completion_ids, traj.completion_mask, strict=True) if m]
     assert model_tokens == backend.generated[1]

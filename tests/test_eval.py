@@ -48,9 +48,8 @@ def tokenizer(embedded_server):
 @pytest.fixture(scope="module")
 def tool_trajectories(embedded_server, tokenizer) -> list:
     """Trajectories of the real model on a problem that asks for code; some of them call the tool."""
-    _, chat = chat_setup(tokenizer, None, None, MARKDOWN)
-    config = AgentConfig(tool_format=MARKDOWN, max_turns=3, max_response_length=400, context_length=4096,
-                         sampling=SamplingParams(temperature=0.8, top_p=0.95), chat=chat)
+    config = AgentConfig(chat=chat_setup(tokenizer, None, None, MARKDOWN), max_turns=3, max_response_length=400,
+                         context_length=4096, sampling=SamplingParams(temperature=0.8, top_p=0.95))
 
     async def run_all() -> list:
         async with OpenAIBackend([embedded_server.base_url], embedded_server.model, supports_token_ids=True) as llm:
@@ -84,7 +83,9 @@ def test_a_real_trajectory_calls_the_tool_and_reads_its_output(tool_trajectories
 
 
 def test_mask_is_one_exactly_on_model_tokens(tool_trajectories, tokenizer) -> None:
-    for traj in [t for t in tool_trajectories if t.num_tool_calls > 0]:
+    with_tools = [t for t in tool_trajectories if t.num_tool_calls > 0]
+    assert with_tools, "no trajectory called the tool: no tool output to check the mask on"
+    for traj in with_tools:
         ids, mask, logprobs = traj.completion_ids, traj.completion_mask, traj.logprobs
         assert traj.token_exact and len(ids) == len(mask) == len(logprobs)
         assistant = [m["content"] for m in traj.messages if m["role"] == "assistant"]

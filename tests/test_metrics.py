@@ -59,10 +59,10 @@ def test_pass_k_values() -> None:
     assert pass_k_values(16) == [1, 2, 4, 8, 16]
 
 
-def traj(pid: str, sample: int, reward: float, tools: int = 0, tokens: int = 10, termination: str = "answered",
+def traj(pid: str, sample: int, correct: float, tools: int = 0, tokens: int = 10, termination: str = "answered",
          error: str | None = None, messages: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     return {
-        "problem_id": pid, "sample": sample, "reward": reward, "num_tool_calls": tools, "num_turns": tools + 1,
+        "problem_id": pid, "sample": sample, "correct": correct == 1.0, "num_tool_calls": tools, "num_turns": tools + 1,
         "response_tokens": tokens, "termination": termination, "error": error, "extracted_answer": "42",
         "ground_truth": "42", "messages": messages or [{"role": "user", "content": f"problem {pid}"}],
         "timings": {},
@@ -146,6 +146,29 @@ def test_load_run_skips_torn_last_line_with_warning(tmp_path: Path, caplog: pyte
     assert "torn last line" in caplog.text
 
 
+def test_reader_and_resume_agree_on_a_last_line_without_its_newline(tmp_path: Path) -> None:
+    from mathtool.run_record import RunDir
+
+    run_dir = write_run(tmp_path / "run", handcrafted(), tail=json.dumps(traj("p3", 0, 1.0)))  # killed before "\n"
+    assert len(load_run(run_dir)[1]) == 10  # not counted: a resume redoes it
+    RunDir(run_dir, json.loads((run_dir / "config.json").read_text()), resume=True).close()
+    text = (run_dir / "trajectories.jsonl").read_text()
+    assert '"p3"' not in text and text.endswith("\n") and len(load_run(run_dir)[1]) == 10
+
+
+def test_a_run_written_before_correct_was_named_so_still_reports_and_resumes(tmp_path: Path) -> None:
+    from mathtool.run_record import RunDir
+
+    old = [{**{k: v for k, v in r.items() if k != "correct"}, "reward": float(r["correct"])} for r in with_a_vote()]
+    old_run, new_run = write_run(tmp_path / "old", old), write_run(tmp_path / "new", with_a_vote())
+    assert load_run(old_run) == load_run(new_run)
+    assert compute_metrics(load_run(old_run)[1], 4)["pass@1"] == compute_metrics(with_a_vote(), 4)["pass@1"] > 0
+    assert write_report(old_run)[0].read_text() == write_report(new_run)[0].read_text().replace("new", "old")
+    run = RunDir(old_run, json.loads((old_run / "config.json").read_text()), resume=True)
+    run.close()
+    assert run.records() == load_run(new_run)[1] and len(run.finished()) == len(old) - 1  # the error is redone
+
+
 def test_load_run_keeps_the_last_record_of_a_redone_sample(tmp_path: Path) -> None:
     records = [*handcrafted(), traj("p1", 3, 1.0)]  # a resumed run redid the errored sample
     _, loaded = load_run(write_run(tmp_path / "run", records))
@@ -209,7 +232,7 @@ def test_accuracy_plot_takes_problem_ids_literally() -> None:
 def test_run_dir_refuses_reuse_without_resume_and_says_what_a_resume_changed(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from mathtool.engine.run_dir import RunDir
+    from mathtool.run_record import RunDir
 
     config = {"dataset": "toy", "model": "m", "n_parallel_agents": 4, "resume": False}
     run = RunDir(tmp_path, config, resume=False)
@@ -217,7 +240,7 @@ def test_run_dir_refuses_reuse_without_resume_and_says_what_a_resume_changed(
     run.close()
     with pytest.raises(ConfigError, match="add --resume"):
         RunDir(tmp_path, config, resume=False)
-    with pytest.raises(ConfigError, match="different model"):
+    with pytest.raises(ConfigError, match=r"was run with model .m. \(now .other.\)"):
         RunDir(tmp_path, {**config, "model": "other"}, resume=True)
     with caplog.at_level(logging.WARNING):
         RunDir(tmp_path, {**config, "resume": True}, resume=True).close()
@@ -288,7 +311,7 @@ def test_majority_vote_groups_equivalent_answers_written_differently() -> None:
     # ({1,2}, {1,4}, {3,4}).
     assert maj_at_k(row.vote, 2) == pytest.approx(6 / 10)
     m = compute_metrics(records, n_samples=5)
-    assert m["maj@4"] == pytest.approx(maj_at_k(vote([(r["extracted_answer"], r["reward"] == 1.0)
+    assert m["maj@4"] == pytest.approx(maj_at_k(vote([(r["extracted_answer"], r["correct"])
                                                           for r in records]), 4))
 
 

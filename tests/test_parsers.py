@@ -2,15 +2,32 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from mathtool.agent.parsers import HERMES, MARKDOWN, parse_tool_calls, turn_end
+from mathtool.agent.parsers import HERMES, MARKDOWN, parse_server_tool_calls, parse_tool_calls, turn_end
+from mathtool.sandbox.tool import PYTHON_TOOL
 
 
 def test_hermes_call_is_parsed() -> None:
     text = 'Let me compute.\n<tool_call>\n{"name": "python", "arguments": {"code": "print(6*7)"}}\n</tool_call>'
     [call] = parse_tool_calls(text, HERMES)
     assert call.code == "print(6*7)" and call.error is None and call.end == len(text)
+
+
+def test_a_call_written_from_the_tool_schema_runs_as_written() -> None:
+    """The model writes its calls from the schema it reads (PYTHON_TOOL): a call with the schema's name and its
+    one required parameter is run as written, from the text and as a server parses it; another name is not."""
+    function = PYTHON_TOOL["function"]
+    (parameter,) = function["parameters"]["required"]
+    call = {"name": function["name"], "arguments": {parameter: "print(6 * 7)"}}
+    text = f"<tool_call>{json.dumps(call)}</tool_call>"
+    assert [(c.code, c.error) for c in parse_tool_calls(text, HERMES)] == [("print(6 * 7)", None)]
+    parsed = {"id": "call-1", "type": "function", "function": {**call, "arguments": json.dumps(call["arguments"])}}
+    assert [(c.code, c.call_id) for c in parse_server_tool_calls([parsed], len(text))] == [("print(6 * 7)", "call-1")]
+    renamed = {**call, "arguments": {f"{parameter}_": "print(1)"}}
+    assert parse_tool_calls(f"<tool_call>{json.dumps(renamed)}</tool_call>", HERMES)[0].code is None
 
 
 def test_hermes_double_encoded_arguments() -> None:

@@ -13,13 +13,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mathtool.agent import trajectory as T
-from mathtool.agent.chat_format import chat_setup, chat_template_path
+from mathtool.agent.chat_format import ChatFormat, chat_setup, chat_template_path
 from mathtool.agent.loop import AgentConfig, run_agent
 from mathtool.agent.parsers import HERMES, parse_hermes
 from mathtool.agent.prompts import initial_messages
 from mathtool.data.problem import Problem
 from mathtool.llm import OpenAIBackend, SamplingParams
+from mathtool.run_record import MAX_TURNS
 from mathtool.sandbox import PythonSandbox
 from mathtool.serve import ServerSpec, embedded_spec
 from mathtool.serve.launch import server_command
@@ -68,7 +68,7 @@ async def test_the_chat_path_reads_the_calls_the_server_parsed(embedded_server) 
     loop runs them and answers each with a tool message carrying its id, which the server renders back
     through Qwen3's template. SmolLM2 rarely writes a call by itself, so its first turn is held to one by
     vLLM's structured outputs (a regex): everything after the sampling is the real server path."""
-    config = AgentConfig(tool_format=HERMES, max_turns=2, max_response_length=200,  # no ChatFormat: the chat path
+    config = AgentConfig(chat=ChatFormat(HERMES), max_turns=2, max_response_length=200,  # no tokenizer: the chat path
                          sampling=SamplingParams(temperature=0.0, max_tokens=100))
     regex = "".join("\\" + char if char in "\\()*{}[].+?|^$" else char for char in CALL).replace("\n", "\\n")
     forced = {"structured_outputs": {"regex": regex}}
@@ -83,7 +83,7 @@ async def test_the_chat_path_reads_the_calls_the_server_parsed(embedded_server) 
     result = traj.messages[3]
     assert result == {"role": "tool", "content": "42", "tool_call_id": first["tool_calls"][0]["id"]}
     # the second (last) turn is held to a call too: parsed by the server, not run, the turn limit reached
-    assert traj.messages[4]["tool_calls"] and traj.num_tool_calls == 1 and traj.termination == T.MAX_TURNS
+    assert traj.messages[4]["tool_calls"] and traj.num_tool_calls == 1 and traj.termination == MAX_TURNS
     assert traj.prompt_ids is None  # the chat path: no token record
 
 
@@ -96,7 +96,7 @@ async def test_server_logprobs_match_the_trainers_recomputation(embedded_server)
 
     tokenizer = AutoTokenizer.from_pretrained(embedded_server.model_dir)
     model = AutoModelForCausalLM.from_pretrained(embedded_server.model_dir, dtype=torch.float32).eval()
-    _, chat = chat_setup(tokenizer, "qwen3", None, None)
+    chat = chat_setup(tokenizer, "qwen3", None, None)
     prompt = chat.render(initial_messages(PROBLEM, HERMES))
     temperature = 0.7
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from test_metrics import with_a_vote, write_run
 
-from mathtool.engine.run_dir import RunDir
 from mathtool.metrics import compute_metrics, write_report
+from mathtool.run_record import RunDir
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium: scripts/setup.sh test installs it")

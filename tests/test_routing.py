@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 from server_proxy import CuttableProxy
 
-from mathtool.agent.chat_format import chat_setup
+from mathtool.agent.chat_format import ChatFormat, chat_setup
 from mathtool.agent.loop import AgentConfig
 from mathtool.agent.parsers import MARKDOWN
 from mathtool.data.problem import Problem
@@ -55,9 +55,9 @@ def test_sticky_routing_keeps_every_turn_of_a_trajectory_on_one_server(embedded_
                                                                          caplog) -> None:
     from transformers import AutoTokenizer
 
-    chat = chat_setup(AutoTokenizer.from_pretrained(embedded_server.model_dir), None, None, MARKDOWN)[1]
-    config = AgentConfig(tool_format=MARKDOWN, max_turns=3, max_response_length=300, context_length=4096,
-                         sampling=SamplingParams(temperature=0.8, top_p=0.95), chat=chat)
+    chat = chat_setup(AutoTokenizer.from_pretrained(embedded_server.model_dir), None, None, MARKDOWN)
+    config = AgentConfig(chat=chat, max_turns=3, max_response_length=300, context_length=4096,
+                         sampling=SamplingParams(temperature=0.8, top_p=0.95))
     done = []
 
     async def run() -> None:
@@ -109,7 +109,7 @@ def test_one_server_of_two_dying_mid_run_does_not_stop_it(embedded_server, caplo
     dead one's trajectories move to the live one and every trajectory finishes."""
     proxy = CuttableProxy(int(server_root(embedded_server.base_url).rsplit(":", 1)[1]))
     proxy.start()
-    config = AgentConfig(tool_format=MARKDOWN, max_turns=1, max_response_length=48,
+    config = AgentConfig(chat=ChatFormat(MARKDOWN), max_turns=1, max_response_length=48,
                          sampling=SamplingParams(temperature=0.8, top_p=0.95))
     done = []
 

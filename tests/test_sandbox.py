@@ -23,7 +23,7 @@ import pytest_asyncio
 
 from mathtool.errors import ConfigError
 from mathtool.sandbox import PythonSandbox, PythonSession, RunResult
-from mathtool.sandbox.tool import PYTHON_TOOL, format_tool_result
+from mathtool.sandbox.tool import format_tool_result
 
 SECRET = "MATHTOOL_SANDBOX_TEST_SECRET"
 TIMEOUT_S = 2.0
@@ -437,13 +437,6 @@ def test_refuses_to_start_without_user_namespaces() -> None:
 def test_bad_limits_are_a_config_error() -> None:
     with pytest.raises(ConfigError, match="memory_mb"):
         PythonSandbox(memory_mb=16)
-
-
-def test_python_tool_schema() -> None:
-    function = PYTHON_TOOL["function"]
-    assert PYTHON_TOOL["type"] == "function" and function["name"] == "python"
-    assert function["parameters"]["required"] == ["code"]
-    assert function["parameters"]["properties"]["code"]["type"] == "string"
 
 
 def test_tool_result_text() -> None:

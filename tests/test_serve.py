@@ -15,6 +15,7 @@ import httpx
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from mathtool.agent.chat_format import ChatFormat
 from mathtool.agent.loop import AgentConfig, run_agent
 from mathtool.agent.parsers import MARKDOWN
 from mathtool.data.problem import Problem
@@ -204,7 +205,7 @@ async def test_llamacpp_serves_the_embedded_gguf_and_the_agent_runs_on_the_chat_
     """llama.cpp (llama-cpp-python's server) takes no token-id prompts: the probe finds that, and the agent
     loop falls back to chat completions, where the server's token counts still bound the response."""
     problem = Problem("mul", "Use Python to compute 123456 * 654321. Give the answer in \\boxed{}.", "80779853376")
-    config = AgentConfig(tool_format=MARKDOWN, max_turns=3, max_response_length=120,
+    config = AgentConfig(chat=ChatFormat(MARKDOWN), max_turns=3, max_response_length=120,
                          sampling=SamplingParams(temperature=0.8, top_p=0.95))
     server = start_server(embedded_spec(port=0, engine="llamacpp"), log_path=tmp_path / "llamacpp.log")
     try:

@@ -19,12 +19,13 @@ from pathlib import Path
 
 import pytest
 
+from mathtool.agent.chat_format import ChatFormat
 from mathtool.agent.loop import AgentConfig, run_agent
 from mathtool.agent.parsers import MARKDOWN
-from mathtool.agent.trajectory import ERROR
 from mathtool.data.problem import Problem
 from mathtool.errors import ServerError
 from mathtool.llm import OpenAIBackend, SamplingParams
+from mathtool.run_record import ERROR
 from mathtool.sandbox import PythonSandbox
 
 MODEL_LIST = json.dumps({"object": "list", "data": [{"id": "m", "object": "model", "owned_by": "vllm"}]})
@@ -132,7 +133,7 @@ async def test_a_completion_of_the_wrong_shape_fails_its_request_with_one_line(b
 
 async def test_a_chat_completion_of_the_wrong_shape_is_recorded_in_the_trajectory(broken_server) -> None:
     broken_server.bodies["/v1/chat/completions"] = '{"choices": [{"message": "4", "finish_reason": "stop"}]}'
-    config = AgentConfig(tool_format=MARKDOWN, max_turns=2, max_response_length=64)
+    config = AgentConfig(chat=ChatFormat(MARKDOWN), max_turns=2, max_response_length=64)
     async with OpenAIBackend([broken_server.root], "m") as llm, PythonSandbox(timeout_s=5) as sandbox:
         traj = await run_agent(Problem("add", "What is 2 + 2?", "4"), 0, llm, sandbox, config)
     assert traj.termination == ERROR

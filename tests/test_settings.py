@@ -135,7 +135,7 @@ def test_output_mistakes_are_refused_before_the_embedded_server_starts(tmp_path:
 
 
 def test_an_empty_run_directory_is_not_a_run(tmp_path: Path) -> None:
-    from mathtool.engine.run_dir import check_output
+    from mathtool.run_record import check_output
 
     (tmp_path / "trajectories.jsonl").write_text("")  # a run that failed before its first trajectory
     check_output(tmp_path, resume=False)

@@ -19,19 +19,20 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from mathtool.agent import trajectory as T
+from mathtool.agent.setup import agent_setup
 from mathtool.agent.trajectory import Trajectory
 from mathtool.data.problem import Problem
 from mathtool.errors import ConfigError
 from mathtool.llm.base import Completion, SamplingParams
 from mathtool.llm.transformers_backend import TransformersBackend
+from mathtool.run_record import ANSWERED, BUDGET, ERROR, STOPPED
 from mathtool.train import PRESETS, TrainConfig, train
 from mathtool.train.config import resolve
 from mathtool.train.monitor import METRICS_FILE, read_rows
 from mathtool.train.rewards import reward_functions
 from mathtool.train.rollout import AgentRollout, MaskPolicy, to_trl
 from mathtool.train.runtime import AgentRuntime
-from mathtool.train.trainer import agent_settings, build_trainer
+from mathtool.train.trainer import build_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 PROBLEMS = [Problem("add", "Use Python to compute 20 + 22.", "42"),
@@ -104,8 +105,8 @@ def _config(model_dir: Path, **changes: Any) -> TrainConfig:
 
 def _rollout(tokenizer: Any, runtime: Any, backend: Any) -> AgentRollout:
     config = _config(Path("unused"))
-    return AgentRollout(PROBLEMS, runtime, agent_settings(config, tokenizer), lambda trainer: backend,
-                        reward_functions(1.0, 0.5, 0.0), MaskPolicy(), n_parallel=8)
+    return AgentRollout(PROBLEMS, runtime, agent_setup(config, tokenizer, config.context_length),
+                        lambda trainer: backend, reward_functions(1.0, 0.5, 0.0), MaskPolicy(), n_parallel=8)
 
 
 def test_env_mask_excludes_exactly_the_tool_output(tokenizer: Any, runtime: Any) -> None:
@@ -157,11 +158,11 @@ def test_rollout_output_matches_trl_contract(tokenizer: Any, runtime: Any) -> No
 
 
 def test_truncated_and_inexact_trajectories_are_masked() -> None:
-    base = Trajectory("p", 0, termination=T.ANSWERED, prompt_ids=[1, 2], completion_ids=[3, 4, 5],
+    base = Trajectory("p", 0, termination=ANSWERED, prompt_ids=[1, 2], completion_ids=[3, 4, 5],
                       completion_mask=[1, 0, 1], logprobs=[-1.0, 0.0, -1.0])
-    cut = replace(base, termination=T.BUDGET)
+    cut = replace(base, termination=BUDGET)
     inexact = replace(base, token_exact=False)
-    failed = replace(base, termination=T.ERROR, completion_ids=[], completion_mask=[], logprobs=[])
+    failed = replace(base, termination=ERROR, completion_ids=[], completion_mask=[], logprobs=[])
     out = to_trl([base, cut, inexact, failed], MaskPolicy(truncated=True, inexact=True), eos_id=2)
     assert out["env_mask"] == [[1, 0, 1], [0, 0, 0], [0, 0, 0], [0]]
     assert out["completion_ids"][3] == [2]  # TRL needs one token; a masked EOS
@@ -197,8 +198,8 @@ def test_one_step_changes_the_weights_and_writes_metrics(tiny_model_dir: Path, t
     config = _config(tiny_model_dir, eval_every=1, eval_samples=1)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    trainer = build_trainer(config, model, agent_settings(config, tokenizer), PROBLEMS, PROBLEMS[:1], runtime,
-                            tmp_path)
+    trainer = build_trainer(config, model, agent_setup(config, tokenizer, config.context_length), PROBLEMS,
+                            PROBLEMS[:1], runtime, tmp_path)
     backend = ScriptedBackend(tokenizer)
     trainer.rollout_func.make_backend = lambda _trainer: backend
     trainer.train()
@@ -294,15 +295,15 @@ def test_a_made_up_output_is_cut_and_the_tool_answers_instead(tokenizer: Any) ->
 
     async def one() -> Trajectory:
         async with PythonSandbox(timeout_s=5) as sandbox:
-            chat = chat_setup(tokenizer, None, None, None)[1]
-            return await run_agent(PROBLEMS[1], 0, backend, sandbox, AgentConfig(max_turns=2, chat=chat))
+            chat = chat_setup(tokenizer, None, None, None)
+            return await run_agent(PROBLEMS[1], 0, backend, sandbox, AgentConfig(chat=chat, max_turns=2))
 
     traj = asyncio.run(one())
     assert all(p.stop == ("```output",) for p in backend.params)  # the server may stop there itself
     assistant = [m["content"] for m in traj.messages if m["role"] == "assistant"]
     assert assistant == ["```python\nprint(6 * 9)\n```", "So it is \\boxed{54}."]
     assert traj.messages[3] == {"role": "user", "content": "```output\n54\n```"}
-    assert (traj.num_tool_calls, traj.reward, traj.termination, traj.token_exact) == (1, 1.0, T.ANSWERED, True)
+    assert (traj.num_tool_calls, traj.correct, traj.termination, traj.token_exact) == (1, True, ANSWERED, True)
     # the record holds only what the model kept, and extends exactly into the second prompt
     assert traj.prompt_ids + traj.completion_ids[: len(backend.prompts[1]) - len(traj.prompt_ids)] == backend.prompts[1]
     kept = [i for i, m in zip(traj.completion_ids, traj.completion_mask, strict=True) if m == 1]
@@ -322,8 +323,8 @@ def test_evaluation_in_a_vllm_mode_first_syncs_this_steps_weights() -> None:
     trainer = SimpleNamespace(use_vllm=True, _last_loaded_step=4, vllm_generation=engine, accelerator=None,
                               state=SimpleNamespace(global_step=5))
     rollout = SimpleNamespace(backend="vllm")
-    evaluator = lambda step, backend, accelerator: events.append(f"eval {step}") or {}  # noqa: E731
-    monitor = TrainingMonitor(Path("unused"), rollout, evaluator, eval_every=5, trainer=trainer)
+    held_out = lambda step, backend, accelerator: events.append(f"eval {step}") or {}  # noqa: E731
+    monitor = TrainingMonitor(Path("unused"), rollout, held_out, eval_every=5, trainer=trainer)
     monitor.on_step_end(None, SimpleNamespace(global_step=5, max_steps=10), None)
     assert events == ["sync", "eval 5"] and trainer._last_loaded_step == 5
     monitor.on_step_end(None, SimpleNamespace(global_step=5, max_steps=10), None)  # already in sync: no push
@@ -411,15 +412,14 @@ def test_void_turns_are_counted_by_the_loop_and_masked(tokenizer: Any) -> None:
                "good": [call, "So \\boxed{54}."]}
 
     async def run_all() -> dict[str, Trajectory]:
-        tool_format, chat = chat_setup(tokenizer, "qwen3", None, None)
-        config = AgentConfig(tool_format=tool_format, max_turns=3, chat=chat)
+        config = AgentConfig(chat=chat_setup(tokenizer, "qwen3", None, None), max_turns=3)
         async with PythonSandbox(timeout_s=5) as sandbox:
             return {name: await run_agent(PROBLEMS[1], 0, Replies(texts), sandbox, config)
                     for name, texts in scripts.items()}
 
     trajs = asyncio.run(run_all())
-    assert {name: (t.termination, t.void_turns, t.reward) for name, t in trajs.items()} == {
-        "stopped": (T.STOPPED, 1, 0.0), "malformed": (T.ANSWERED, 1, 1.0), "good": (T.ANSWERED, 0, 1.0)}
+    assert {name: (t.termination, t.void_turns, t.correct) for name, t in trajs.items()} == {
+        "stopped": (STOPPED, 1, False), "malformed": (ANSWERED, 1, True), "good": (ANSWERED, 0, True)}
     order = [trajs["stopped"], trajs["malformed"], trajs["good"]]
     masked = to_trl(order, MaskPolicy(void_turns=True), eos_id=tokenizer.eos_token_id)["env_mask"]
     assert [set(m) for m in masked] == [{0}, {0}, {0, 1}]
@@ -430,10 +430,10 @@ def test_void_turns_are_counted_by_the_loop_and_masked(tokenizer: Any) -> None:
 def _algorithm_rollout(tokenizer: Any, runtime: Any, problems: list[Problem], max_rounds: int) -> AgentRollout:
     from mathtool.train.rollout import DynamicSampling
 
-    backend = BehaviourBackend(tokenizer)
-    return AgentRollout(problems, runtime, agent_settings(_config(Path("unused")), tokenizer), lambda trainer: backend,
-                        reward_functions(1.0, 0.5, 0.0), MaskPolicy(void_turns=True), n_parallel=8,
-                        dynamic=DynamicSampling(group_size=2, max_rounds=max_rounds))
+    backend, config = BehaviourBackend(tokenizer), _config(Path("unused"))
+    return AgentRollout(problems, runtime, agent_setup(config, tokenizer, config.context_length),
+                        lambda trainer: backend, reward_functions(1.0, 0.5, 0.0), MaskPolicy(void_turns=True),
+                        n_parallel=8, dynamic=DynamicSampling(group_size=2, max_rounds=max_rounds))
 
 
 def test_dynamic_sampling_replaces_equal_reward_groups_in_place(tokenizer: Any, runtime: Any) -> None:
@@ -474,7 +474,7 @@ def test_a_step_with_all_three_algorithms_logs_what_they_removed(tiny_model_dir:
     config = _config(tiny_model_dir, dynamic_sampling=True, dynamic_sampling_max_rounds=2, mask_void_turns=True,
                      overlong_buffer=62)  # penalty from 3 tokens on: every trajectory
     trainer = build_trainer(config, AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                            agent_settings(config, tokenizer), problems, [], runtime, tmp_path)
+                            agent_setup(config, tokenizer, config.context_length), problems, [], runtime, tmp_path)
     trainer.rollout_func.make_backend = lambda _trainer: BehaviourBackend(tokenizer)
     trainer.train()
     row = read_rows(tmp_path / METRICS_FILE)[0]

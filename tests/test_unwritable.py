@@ -163,7 +163,7 @@ def test_trajectories_onto_a_full_disk_are_one_line_that_says_resume(tmp_path: P
     small = tmp_path / "small"
     small.mkdir()
     code = ("from pathlib import Path; import sys\n"
-            "from mathtool.engine.run_dir import RunDir\n"
+            "from mathtool.run_record import RunDir\n"
             "from mathtool.errors import MathtoolError\n"
             "run = RunDir(Path(sys.argv[1]) / 'run', {'dataset': 'toy'}, resume=False)\n"
             "try:\n"

@@ -169,7 +169,7 @@ def eval_command(
     """Evaluate a model with the Python tool on a dataset: Pass@1 and Pass@k."""
     import asyncio
 
-    from mathtool.engine.evaluate import run_eval
+    from mathtool.engine.eval_pipeline import run_eval
     from mathtool.engine.settings import resolve
     from mathtool.metrics import summary_table
 

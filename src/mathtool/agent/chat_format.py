@@ -1,4 +1,5 @@
-"""How a conversation becomes token ids: the tokenizer, the chat template, thinking, the tool format.
+"""How the agent's conversation is written: the tool format, thinking, and (on the token-exact path) the
+tokenizer and chat template that render it as token ids on the client.
 
 `--chat-template NAME|FILE` replaces the tokenizer's own template. The names `qwen3` and `qwen3-training`
 are the templates TRL ships inside its installed package (`trl/chat_templates/qwen3.jinja` and the
@@ -82,18 +83,25 @@ def choose_tool_format(template: str | None, override: str | None = None) -> str
 
 @dataclass(frozen=True)
 class ChatFormat:
-    """What the agent renders with on the client (the token-exact path): a tokenizer, the chat template,
-    the tool format that follows from it, and the template's `enable_thinking` (None: its default).
+    """How the agent's conversation is written, on either path: the tool-call format and the chat template's
+    `enable_thinking` (None: its default).
 
-    `record_template` is the prefix-preserving template the token record derives the environment's
-    tokens with (see the module docstring); it is `template` when that is already prefix-preserving.
+    With a `tokenizer` the conversation is rendered here, as token ids (the token-exact path): `template` is
+    the chat template, and `record_template` the prefix-preserving one the token record derives the
+    environment's tokens with (see the module docstring; `template` when that is already prefix-preserving).
+    Without one (the chat path) the server renders with its own template.
     """
 
-    tokenizer: Any
-    template: str
-    record_template: str
-    tool_format: str
+    tool_format: str = MARKDOWN
     thinking: bool | None = None
+    tokenizer: Any = None
+    template: str = ""
+    record_template: str = ""
+
+    @property
+    def on_client(self) -> bool:
+        """Whether the conversation is rendered here, as token ids (the token-exact path)."""
+        return self.tokenizer is not None
 
     @property
     def eos_token_id(self) -> int:
@@ -101,6 +109,8 @@ class ChatFormat:
 
     def render(self, messages: list[dict], generation_prompt: bool = True, record: bool = False) -> list[int]:
         """The conversation as token ids; `record=True` renders with the prefix-preserving variant."""
+        if self.tokenizer is None:
+            raise ValueError("a ChatFormat without a tokenizer renders nothing: the server renders (the chat path)")
         return _render_ids(self.tokenizer, messages, self.record_template if record else self.template,
                            self.tool_format, generation_prompt, self.thinking)
 
@@ -116,8 +126,8 @@ def template_of(tokenizer: Any, chat_template: str | None) -> str | None:
 
 
 def make_chat_format(tokenizer: Any, template: str, tool_format: str, thinking: bool | None) -> ChatFormat:
-    return ChatFormat(tokenizer, template, _record_template(tokenizer, template, tool_format, thinking),
-                      tool_format, thinking)
+    record_template = _record_template(tokenizer, template, tool_format, thinking)
+    return ChatFormat(tool_format, thinking, tokenizer, template, record_template)
 
 
 def _render_ids(tokenizer: Any, messages: list[dict], template: str, tool_format: str, generation_prompt: bool,
@@ -179,27 +189,15 @@ def _trl_training_variant(tokenizer: Any, template: str) -> str | None:
         tokenizer.chat_template = original
 
 
-def load_tokenizer(source: str | None) -> Any:
-    """The model's tokenizer, or None (then the loop uses chat completions, not token-exact)."""
-    if not source:
-        return None
-    try:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(source)
-    except Exception as e:  # missing package, offline Hub, unknown id: fall back, loudly
-        log.warning("cannot load the tokenizer of %s (%s); using chat completions, not token-exact", source, e)
-        return None
-
-
 def chat_setup(tokenizer: Any, chat_template: str | None, thinking: bool | None,
-               tool_format: str | None) -> tuple[str, ChatFormat | None]:
-    """The tool format, and the ChatFormat for client-side rendering (None without a tokenizer: then the
-    loop uses the server's chat completions, where the server applies its own template)."""
+               tool_format: str | None) -> ChatFormat:
+    """The ChatFormat: the tool format by the one rule (`choose_tool_format`) and `thinking`; rendered on the
+    client with `tokenizer` (and `chat_template`, a name or file, in place of its own) when there is one,
+    else by the server (the chat path, where the server applies its own template)."""
     if tokenizer is None:
-        return choose_tool_format(read_chat_template(chat_template) if chat_template else None, tool_format), None
+        template = read_chat_template(chat_template) if chat_template else None
+        return ChatFormat(choose_tool_format(template, tool_format), thinking)
     template = template_of(tokenizer, chat_template)
     if template is None:
         raise ConfigError("the model's tokenizer has no chat template; pass --chat-template NAME|FILE")
-    fmt = choose_tool_format(template, tool_format)
-    return fmt, make_chat_format(tokenizer, template, fmt, thinking)
+    return make_chat_format(tokenizer, template, choose_tool_format(template, tool_format), thinking)

@@ -1,7 +1,7 @@
 """run_agent(): one trajectory. Prompt -> model -> tool calls -> sandbox -> ... -> \\boxed{} -> grade.
 
-Token-exact when the backend takes token-id prompts and a `ChatFormat` is given: the conversation is
-rendered with the chat template on the client, the ids the server returned are kept, and the tokens the
+Token-exact when the backend takes token-id prompts and the `ChatFormat` has a tokenizer: the conversation
+is rendered with the chat template on the client, the ids the server returned are kept, and the tokens the
 environment adds after each model turn (template tokens, tool results, the next generation prompt) are
 found by rendering the conversation without and with them, so the model's own tokens are never
 re-tokenized. Otherwise the loop uses chat completions: the server renders, and parses tool calls when
@@ -16,11 +16,9 @@ import zlib
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from mathtool.agent import trajectory as T
 from mathtool.agent.chat_format import ChatFormat
 from mathtool.agent.parsers import (
     HERMES,
-    MARKDOWN,
     TOOL_OUTPUT_START,
     ToolCall,
     after_reasoning,
@@ -34,6 +32,8 @@ from mathtool.data.problem import Problem
 from mathtool.errors import MathtoolError
 from mathtool.grading import extract_boxed, grade_async
 from mathtool.llm.base import Completion, LLMBackend, SamplingParams
+from mathtool.run_record import ANSWERED, BUDGET, CONTEXT, ERROR, MAX_TURNS, STOPPED
+from mathtool.sandbox.base import Sandbox, Session
 from mathtool.sandbox.tool import PYTHON_TOOL, format_tool_result
 
 log = logging.getLogger(__name__)
@@ -41,18 +41,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class AgentConfig:
-    tool_format: str = MARKDOWN
+    chat: ChatFormat = field(default_factory=ChatFormat)  # tool format, thinking; with a tokenizer: token-exact
     max_turns: int = 5
     max_response_length: int = 16384  # model tokens across all turns
     max_prompt_length: int = 2048  # the first prompt
     context_length: int | None = None  # the server's; prompt + response must fit
     sampling: SamplingParams = field(default_factory=SamplingParams)
-    chat: ChatFormat | None = None  # client-side rendering (the token-exact path); None: chat completions
-    thinking: bool | None = None  # the chat template's enable_thinking (None: its default)
-
-    def __post_init__(self) -> None:
-        if self.chat is not None and (self.chat.tool_format, self.chat.thinking) != (self.tool_format, self.thinking):
-            raise ValueError("AgentConfig: the ChatFormat was built for another tool format or thinking setting")
 
 
 def turn_seed(seed: int, problem_id: str, sample: int, turn: int) -> int:
@@ -131,10 +125,10 @@ class _Run:
         if route is not None:
             self.llm = route((problem.id, sample))
         self.traj = Trajectory(problem_id=problem.id, sample=sample, ground_truth=problem.answer)
-        self.traj.messages = initial_messages(problem, config.tool_format)
+        self.traj.messages = initial_messages(problem, config.chat.tool_format)
         self.traj.timings = {"generation": 0.0, "tools": 0.0, "grading": 0.0}
         self.tokens: _TokenRecord | None = None
-        if llm.supports_token_ids and config.chat is not None:
+        if llm.supports_token_ids and config.chat.on_client:
             self.tokens = _TokenRecord(config.chat.render(self.traj.messages))
 
     def budget(self) -> tuple[int, str]:
@@ -143,14 +137,14 @@ class _Run:
         if self.config.context_length and self.tokens is not None:
             room = self.config.context_length - len(self.tokens.full)
             if room < left:
-                return room, T.CONTEXT
-        return left, T.BUDGET
+                return room, CONTEXT
+        return left, BUDGET
 
     async def generate(self, max_tokens: int) -> Completion:
         seed = self.config.sampling.seed
         if seed is not None:
             seed = turn_seed(seed, self.problem.id, self.traj.sample, self.traj.num_turns)
-        stop = (TOOL_OUTPUT_START[self.config.tool_format],)
+        stop = (TOOL_OUTPUT_START[self.config.chat.tool_format],)
         params = replace(self.config.sampling, max_tokens=max_tokens, seed=seed, stop=stop)
         started = time.perf_counter()
         if self.tokens is not None:
@@ -169,18 +163,19 @@ class _Run:
 
     def chat_extras(self) -> tuple[list[dict] | None, dict | None]:
         """What the chat path sends beside the messages: the tool, and the template's thinking switch."""
-        tools = [PYTHON_TOOL] if self.config.tool_format == HERMES else None
-        thinking = None if self.config.thinking is None else {"enable_thinking": self.config.thinking}
+        chat = self.config.chat
+        tools = [PYTHON_TOOL] if chat.tool_format == HERMES else None
+        thinking = None if chat.thinking is None else {"enable_thinking": chat.thinking}
         return tools, thinking
 
     def end_turn(self, completion: Completion) -> Completion:
         """Cut a turn where the model began to write the tool's output itself (see `turn_end`): the text,
         and the token ids to the same point. Left whole if no token boundary falls exactly there."""
-        end = turn_end(completion.text, self.config.tool_format)
+        end = turn_end(completion.text, self.config.chat.tool_format)
         if end == len(completion.text):
             return completion
         text = completion.text[:end]
-        if completion.token_ids is None or self.config.chat is None:
+        if completion.token_ids is None or not self.config.chat.on_client:
             return replace(completion, text=text, finish_reason="stop")
         n = _tokens_spelling(self.config.chat.tokenizer, completion.token_ids, text)
         if n is None:
@@ -192,9 +187,9 @@ class _Run:
         """The turn's calls: those the server parsed (chat path), else those in the text after the reasoning."""
         if completion.tool_calls:
             return parse_server_tool_calls(completion.tool_calls, len(completion.text))
-        return parse_tool_calls(completion.text, self.config.tool_format)
+        return parse_tool_calls(completion.text, self.config.chat.tool_format)
 
-    async def run_tools(self, calls: list[ToolCall], session: Any) -> None:
+    async def run_tools(self, calls: list[ToolCall], session: Session) -> None:
         started = time.perf_counter()
         through_model = list(self.traj.messages)
         for call in calls:
@@ -203,17 +198,17 @@ class _Run:
             else:
                 self.traj.num_tool_calls += 1
                 text = format_tool_result(await session.run(call.code))
-            self.traj.messages.append(tool_result_message(text, self.config.tool_format, call.call_id))
+            self.traj.messages.append(tool_result_message(text, self.config.chat.tool_format, call.call_id))
         self.traj.timings["tools"] += time.perf_counter() - started
-        if self.tokens is not None and self.config.chat is not None:
+        if self.tokens is not None:
             chat = self.config.chat
             self.tokens.add_env(chat.render(through_model, generation_prompt=False, record=True),
                                 chat.render(self.traj.messages, record=True))
 
-    async def loop(self, session: Any) -> str:
+    async def loop(self, session: Session) -> str:
         """Turns until the model answers, stops, or a limit is hit; returns the termination reason."""
         if self.tokens is not None and len(self.tokens.prompt) > self.config.max_prompt_length:
-            return T.CONTEXT
+            return CONTEXT
         for turn in range(self.config.max_turns):
             max_tokens, limit = self.budget()
             if max_tokens <= 0:
@@ -224,15 +219,15 @@ class _Run:
             calls = self.tool_calls(completion)
             rest = completion.text[calls[-1].end :] if calls else after_reasoning(completion.text)
             if extract_boxed(rest) is not None:  # a final answer after the last call
-                return T.ANSWERED
+                return ANSWERED
             if all(call.code is None for call in calls):  # no call, or only malformed ones
                 self.traj.void_turns += 1
             if not calls:
-                return T.STOPPED
+                return STOPPED
             if turn == self.config.max_turns - 1:
-                return T.MAX_TURNS
+                return MAX_TURNS
             await self.run_tools(calls, session)
-        return T.MAX_TURNS
+        return MAX_TURNS
 
     async def finish(self, termination: str) -> Trajectory:
         traj = self.traj
@@ -245,11 +240,12 @@ class _Run:
         started = time.perf_counter()
         result = await grade_async(final, self.problem.answer)
         traj.timings["grading"] = time.perf_counter() - started
-        traj.extracted_answer, traj.reward = result.extracted, float(result.correct)
+        traj.extracted_answer, traj.correct = result.extracted, result.correct
         return traj
 
 
-async def run_agent(problem: Problem, sample: int, llm: LLMBackend, sandbox: Any, config: AgentConfig) -> Trajectory:
+async def run_agent(problem: Problem, sample: int, llm: LLMBackend, sandbox: Sandbox,
+                    config: AgentConfig) -> Trajectory:
     """Run one trajectory to its end. Server and loop failures are recorded, never raised."""
     run = _Run(problem, sample, llm, config)
     try:
@@ -258,5 +254,5 @@ async def run_agent(problem: Problem, sample: int, llm: LLMBackend, sandbox: Any
     except Exception as e:  # one failed trajectory is recorded, never aborts a run
         log.debug("trajectory %s/%d failed", problem.id, sample, exc_info=True)
         run.traj.error = str(e) if isinstance(e, MathtoolError) else f"{type(e).__name__}: {e}"
-        termination = T.ERROR
+        termination = ERROR
     return await run.finish(termination)

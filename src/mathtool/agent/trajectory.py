@@ -5,13 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-# Why a trajectory ended.
-ANSWERED = "answered"  # the model ended its turn with a final \boxed{} answer
-STOPPED = "stopped"  # the model ended its turn with neither a tool call nor a boxed answer
-BUDGET = "budget"  # max_response_length tokens used up
-MAX_TURNS = "max_turns"
-CONTEXT = "context"  # prompt plus response would exceed the context length
-ERROR = "error"  # the server or the loop failed; `error` says why
+from mathtool.run_record import ERROR
 
 
 @dataclass
@@ -19,13 +13,13 @@ class Trajectory:
     problem_id: str
     sample: int
     messages: list[dict[str, Any]] = field(default_factory=list)
-    termination: str = ERROR
+    termination: str = ERROR  # why it ended: one of the names in `mathtool.run_record`
     error: str | None = None
     num_tool_calls: int = 0
     num_turns: int = 0
     void_turns: int = 0  # model turns that ended with neither a runnable tool call nor a final answer
     response_tokens: int = 0  # model-generated tokens, all turns
-    reward: float = 0.0
+    correct: bool = False  # the final answer was graded equal to the ground truth (training's reward is another)
     extracted_answer: str | None = None
     ground_truth: str = ""
     # Token-exact record (present when the backend returns token ids):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -13,6 +13,3 @@ class Problem:
     answer: str
     source: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_row(self) -> dict[str, Any]:
-        return asdict(self)

@@ -47,7 +47,7 @@ KNOWN_DATASETS: dict[str, HubSpec] = {
 }
 
 
-def normalize_answer(value: Any) -> str:
+def ground_truth_text(value: Any) -> str:
     """Ground truth as a string; integers (AIME's included, even zero-padded) as plain digits."""
     if isinstance(value, bool) or value is None:
         return ""
@@ -78,7 +78,7 @@ def rows_to_problems(rows: Iterable[dict[str, Any]], origin: str, source: str) -
         text = _first(row, PROBLEM_FIELDS)
         if not isinstance(text, str) or not text.strip():
             raise DatasetError(f"{where}: no problem text (need a non-empty 'problem' or 'question' field)")
-        answer = normalize_answer(_first(row, ANSWER_FIELDS))
+        answer = ground_truth_text(_first(row, ANSWER_FIELDS))
         if not answer:
             raise DatasetError(f"{where}: empty or missing answer (need 'answer' or 'ground_truth')")
         raw_id = _first(row, ID_FIELDS)

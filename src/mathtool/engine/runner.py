@@ -7,16 +7,16 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mathtool.agent.loop import AgentConfig, run_agent
-from mathtool.agent.trajectory import ERROR, Trajectory
+from mathtool.agent.trajectory import Trajectory
 from mathtool.data.problem import Problem
-from mathtool.engine.run_dir import RunDir
 from mathtool.errors import ServerError
 from mathtool.llm.base import LLMBackend
+from mathtool.run_record import ERROR, RunDir
+from mathtool.sandbox.base import Sandbox
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ class _Stats:
     """What the progress line shows."""
 
     done: int = 0
-    correct: float = 0.0
+    correct: int = 0
     tokens: int = 0
     tool_calls: int = 0
     errors_in_a_row: int = 0
@@ -34,7 +34,7 @@ class _Stats:
 
     def add(self, traj: Trajectory) -> None:
         self.done += 1
-        self.correct += traj.reward
+        self.correct += traj.correct
         self.tokens += traj.response_tokens
         self.tool_calls += traj.num_tool_calls
         self.errors_in_a_row = self.errors_in_a_row + 1 if traj.termination == ERROR else 0
@@ -52,7 +52,7 @@ def pending_jobs(problems: list[Problem], n_samples: int, finished: set[tuple[st
 async def run_many(
     jobs: list[tuple[Problem, int]],
     llm: LLMBackend,
-    sandbox: Any,
+    sandbox: Sandbox,
     agent_config: AgentConfig,
     n_parallel: int,
     on_done: Callable[[Trajectory, _Stats], None],
@@ -92,12 +92,12 @@ async def run_many(
     return stats
 
 
-async def evaluate(
+async def run_pending(
     problems: list[Problem],
     n_samples: int,
     run_dir: RunDir,
     llm: LLMBackend,
-    sandbox: Any,
+    sandbox: Sandbox,
     agent_config: AgentConfig,
     n_parallel: int,
 ) -> _Stats:

@@ -20,7 +20,6 @@ from typing import Any
 from rich.table import Table
 
 from mathtool.errors import ConfigError
-from mathtool.metrics.run_files import load_run
 from mathtool.metrics.summary import (
     UNCERTAINTY_NOTE,
     ProblemRow,
@@ -30,6 +29,7 @@ from mathtool.metrics.summary import (
     score_names,
 )
 from mathtool.metrics.uncertainty import Estimate, paired
+from mathtool.run_record import load_run
 
 # config.json keys that change what a score means. The optional ones are recorded by newer runs only:
 # they are compared when every run records them.

@@ -17,11 +17,11 @@ from mathtool.metrics.summary import (
     ProblemRow,
     format_value,
     group_by_problem,
-    is_correct,
     score_names,
     summary_rows,
 )
 from mathtool.metrics.uncertainty import RESAMPLES, SEED
+from mathtool.run_record import record_is_correct
 
 SECRET_KEY_PARTS = ("api_key", "apikey", "secret", "password", "authorization")
 
@@ -122,7 +122,7 @@ def _conversation_html(messages: list[dict[str, Any]]) -> str:
 
 
 def _trajectory_html(record: dict[str, Any]) -> str:
-    verdict = '<span class="ok">✓ correct</span>' if is_correct(record) else '<span class="bad">✗ wrong</span>'
+    verdict = '<span class="ok">✓ correct</span>' if record_is_correct(record) else '<span class="bad">✗ wrong</span>'
     summary = (
         f"sample {_e(record.get('sample', '?'))} · {verdict} · answer <code>{_e(record.get('extracted_answer'))}"
         f"</code> (truth <code>{_e(record.get('ground_truth', ''))}</code>) · "

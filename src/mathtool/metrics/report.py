@@ -13,7 +13,6 @@ from typing import Any
 
 from mathtool.metrics.html_page import render_html, run_info, uncertainty_note
 from mathtool.metrics.plots import report_plots
-from mathtool.metrics.run_files import load_run
 from mathtool.metrics.summary import (
     ProblemRow,
     compute_metrics,
@@ -24,6 +23,7 @@ from mathtool.metrics.summary import (
     summary_rows,
 )
 from mathtool.paths import atomic_write_text, check_writable, write_errors
+from mathtool.run_record import load_run
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from mathtool.grading.grader import pool_size
 from mathtool.metrics.majority import Vote, maj_at_k, vote
 from mathtool.metrics.pass_at_k import pass_at_k, pass_k_values
 from mathtool.metrics.uncertainty import METHOD, Estimate, bootstrap
+from mathtool.run_record import record_failed, record_is_correct
 
-ERROR_TERMINATION = "error"  # mathtool.agent.trajectory.ERROR
 SCORE_NAME = re.compile(r"^(pass|maj)@\d+$")
 UNCERTAINTY_NOTE = "± standard error [95% interval], bootstrap over problems"
 
@@ -47,15 +47,6 @@ class ProblemRow:
         return pass_at_k(self.n, self.correct, k) if metric == "pass" else maj_at_k(self.vote, k)
 
 
-def is_correct(record: dict[str, Any]) -> bool:
-    """A trajectory counts as correct when its reward is 1.0 (graded equal to the ground truth)."""
-    return float(record.get("reward") or 0.0) >= 1.0
-
-
-def has_error(record: dict[str, Any]) -> bool:
-    return bool(record.get("error")) or record.get("termination") == ERROR_TERMINATION
-
-
 def _natural_key(text: str) -> list[Any]:
     """Sort "p2" before "p10"."""
     return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", text)]
@@ -76,12 +67,12 @@ def per_problem_rows(trajectories: list[dict[str, Any]]) -> list[ProblemRow]:
     """The per-problem table: id, n, correct count, pass@1, mean tool calls, mean response tokens, and the
     vote (problems are voted on in parallel: grouping answers may wait on the grader's workers)."""
     problems = group_by_problem(trajectories)
-    ballots = [[(r.get("extracted_answer"), is_correct(r)) for r in records] for records in problems.values()]
+    ballots = [[(r.get("extracted_answer"), record_is_correct(r)) for r in records] for records in problems.values()]
     with ThreadPoolExecutor(max_workers=pool_size(), thread_name_prefix="mathtool-vote") as threads:
         votes = list(threads.map(vote, ballots))
     rows = []
     for (pid, records), problem_vote in zip(problems.items(), votes, strict=True):
-        correct = sum(is_correct(r) for r in records)
+        correct = sum(record_is_correct(r) for r in records)
         rows.append(ProblemRow(
             problem_id=pid,
             n=len(records),
@@ -117,14 +108,14 @@ def _trajectory_stats(trajectories: list[dict[str, Any]]) -> dict[str, Any]:
     terminations = Counter(str(r.get("termination")) for r in trajectories)
     empty = not trajectories
     return {
-        "mean_reward": None if empty else fmean(float(r.get("reward") or 0.0) for r in trajectories),
+        "mean_correct": None if empty else fmean(record_is_correct(r) for r in trajectories),
         "mean_response_tokens": None if empty else fmean(tokens),
         "max_response_tokens": None if empty else max(tokens),
         "mean_tool_calls": None if empty else fmean(tool_calls),
         "frac_with_tool_calls": None if empty else sum(c > 0 for c in tool_calls) / len(tool_calls),
         "mean_turns": None if empty else fmean(int(r.get("num_turns") or 0) for r in trajectories),
         "termination_counts": dict(terminations.most_common()),
-        "num_errors": sum(has_error(r) for r in trajectories),
+        "num_errors": sum(record_failed(r) for r in trajectories),
         # token-exact trajectories whose record had to be resynced to the template (masked in training)
         "num_inexact": sum(r.get("prompt_ids") is not None and r.get("token_exact") is False for r in trajectories),
     }

@@ -9,12 +9,12 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from mathtool.errors import ConfigError, SandboxUnavailable
+from mathtool.sandbox.base import RunResult
 from mathtool.sandbox.host import WorkerHandle, python_paths
 from mathtool.sandbox.pool import WorkerPool
 from mathtool.sandbox.protocol import MAX_ERROR_CHARS, WORKER_FAILED, Limits, ZygoteConfig
@@ -29,16 +29,6 @@ MALFORMED = "the process sent the sandbox a malformed reply (did the code write 
 BROKEN = "the code broke the sandbox's own machinery (it replaced something the worker needs to report back)"
 FATAL_ERROR = "Fatal Python error: "
 SANDBOX_DIR = str(Path(__file__).resolve().parent)
-
-
-@dataclass(frozen=True)
-class RunResult:
-    stdout: str
-    stderr: str  # tracebacks included, already trimmed of the sandbox's own frames
-    ok: bool  # the code ran to the end without an uncaught exception
-    timed_out: bool = False
-    duration_s: float = 0.0
-    error: str | None = None  # one line: "ZeroDivisionError: division by zero", "timed out after 5 s", ...
 
 
 class PythonSandbox:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mathtool.sandbox.sandbox import RunResult
+from mathtool.sandbox.base import RunResult
 
 PYTHON_TOOL = {
     "type": "function",

@@ -1,12 +1,14 @@
 """The generation backend the agent loops use during training, chosen by `TrainConfig.generation`.
 
+The backends live in `mathtool.llm`; this module picks one and wires it to the trainer.
+
 - `transformers`: the policy itself, in this process (`TransformersBackend`): CPU, or one GPU / DDP.
 - `vllm-server`: the vLLM server that `trl vllm-serve` starts (vLLM's OpenAI-compatible server with
   weight transfer), through our `OpenAIBackend`, token-in/token-out. TRL pushes the new weights to it
   before every rollout; every process sends its own requests.
 - `vllm-colocate`: the vLLM engine TRL builds inside each process (`trainer.vllm_generation.llm`),
-  with per-request sampling parameters; TRL syncs its weights before every rollout. Needs
-  `vllm_tensor_parallel_size` 1, since each process generates for its own prompts.
+  through `VLLMColocateBackend`, with per-request sampling parameters; TRL syncs its weights before every
+  rollout. Needs `vllm_tensor_parallel_size` 1, since each process generates for its own prompts.
 
 In every mode the logprobs are the sampled tokens' under the rollout temperature, as TRL's importance
 sampling correction expects (`trl vllm-serve` runs vLLM with `--logprobs-mode processed_logprobs`).
@@ -18,8 +20,9 @@ from collections.abc import Callable
 from typing import Any
 
 from mathtool.errors import ConfigError
-from mathtool.llm.base import Completion, LLMBackend
-from mathtool.llm.transformers_backend import BatchedBackend, DynamicBatcher, Request, TransformersBackend
+from mathtool.llm.base import LLMBackend
+from mathtool.llm.transformers_backend import TransformersBackend
+from mathtool.llm.vllm_colocate import VLLMColocateBackend
 from mathtool.train.config import TrainConfig
 from mathtool.train.runtime import AgentRuntime
 
@@ -53,29 +56,3 @@ def _server_url(args: Any) -> str:
         return args.vllm_server_base_url
     host = "127.0.0.1" if args.vllm_server_host in ("0.0.0.0", "") else args.vllm_server_host
     return f"http://{host}:{args.vllm_server_port}"
-
-
-class VLLMColocateBackend(BatchedBackend):
-    """`LLMBackend` over an in-process `vllm.LLM`: concurrent requests go to `LLM.generate` in batches."""
-
-    def __init__(self, llm: Any, tokenizer: Any, max_batch_size: int = 1024) -> None:
-        self.llm, self.tokenizer = llm, tokenizer
-        self.model = "vllm-colocate"
-        self.batcher = DynamicBatcher(self.generate_batch, max_batch_size)
-
-    def generate_batch(self, requests: list[Request]) -> list[Completion]:
-        from vllm import SamplingParams as VLLMSamplingParams
-
-        prompts = [{"prompt_token_ids": ids} for ids, _ in requests]
-        sampling = [VLLMSamplingParams(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, min_p=p.min_p,
-                                       max_tokens=p.max_tokens, stop=list(p.stop), include_stop_str_in_output=True,
-                                       logprobs=0, seed=p.seed) for _, p in requests]
-        outputs = self.llm.generate(prompts, sampling_params=sampling, use_tqdm=False)
-        return [_completion(output.outputs[0]) for output in outputs]
-
-
-def _completion(out: Any) -> Completion:
-    ids = list(out.token_ids)
-    logprobs = [float(step[token].logprob) for step, token in zip(out.logprobs or [], ids, strict=True)]
-    return Completion(text=out.text, finish_reason="length" if out.finish_reason == "length" else "stop",
-                      token_ids=ids, logprobs=logprobs)

@@ -32,7 +32,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from mathtool.train.evaluation import Evaluator
+from mathtool.train.held_out import HeldOutEval
 from mathtool.train.rollout import AgentRollout, RolloutStats
 
 log = logging.getLogger(__name__)
@@ -75,11 +75,11 @@ def rollout_metrics(stats: RolloutStats) -> dict[str, Any]:
 
 
 class TrainingMonitor(TrainerCallback):
-    """Writes a metrics row per step, redraws the reward curve, runs the evaluator when due."""
+    """Writes a metrics row per step, redraws the reward curve, runs the held-out evaluation when due."""
 
-    def __init__(self, output: Path, rollout: AgentRollout, evaluator: Evaluator | None, eval_every: int,
+    def __init__(self, output: Path, rollout: AgentRollout, held_out: HeldOutEval | None, eval_every: int,
                  trainer: Any) -> None:
-        self.output, self.rollout, self.evaluator, self.eval_every = output, rollout, evaluator, eval_every
+        self.output, self.rollout, self.held_out, self.eval_every = output, rollout, held_out, eval_every
         self.trainer = trainer
         self._step_started = time.perf_counter()
         self._step_wall = 0.0
@@ -92,9 +92,9 @@ class TrainingMonitor(TrainerCallback):
         self._step_wall = time.perf_counter() - self._step_started
         step = state.global_step
         due = self.eval_every and step % self.eval_every == 0 or step >= state.max_steps
-        if self.evaluator is not None and due and self.rollout.backend is not None:
+        if self.held_out is not None and due and self.rollout.backend is not None:
             sync_vllm_weights(self.trainer)  # evaluate the policy of this step, not the last one
-            metrics = self.evaluator(step, self.rollout.backend, self.trainer.accelerator)
+            metrics = self.held_out(step, self.rollout.backend, self.trainer.accelerator)
             self._eval = {f"eval_{k}": v for k, v in metrics.items() if isinstance(v, int | float)}
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:

@@ -31,18 +31,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from mathtool.agent import trajectory as T
 from mathtool.agent.loop import AgentConfig, run_agent
 from mathtool.agent.trajectory import Trajectory
 from mathtool.data.problem import Problem
 from mathtool.errors import ConfigError, DatasetError
 from mathtool.llm.base import LLMBackend
+from mathtool.run_record import ANSWERED, BUDGET, CONTEXT, ERROR
 from mathtool.train.rewards import RewardFn, penalized_overlong, total_reward
 from mathtool.train.runtime import AgentRuntime
 
 log = logging.getLogger(__name__)
 
-TRUNCATED = (T.BUDGET, T.CONTEXT, T.ERROR)  # ended without the model finishing its turn
+TRUNCATED = (BUDGET, CONTEXT, ERROR)  # ended without the model finishing its turn
 SIGNAL_TOLERANCE = 1e-6  # rewards closer than this are equal: their group's advantages are all 0
 
 
@@ -96,8 +96,8 @@ def trl_sequences(traj: Trajectory, keep: bool, eos_id: int) -> tuple[list[int],
 
 def reward_fields(trajs: Sequence[Trajectory]) -> dict[str, list[Any]]:
     return {
-        "correct": [t.reward for t in trajs],
-        "answered": [float(t.termination == T.ANSWERED) for t in trajs],
+        "correct": [float(t.correct) for t in trajs],
+        "answered": [float(t.termination == ANSWERED) for t in trajs],
         "num_tool_calls": [t.num_tool_calls for t in trajs],
         "response_tokens": [t.response_tokens for t in trajs],
     }
@@ -140,8 +140,8 @@ def summarize(traj: Trajectory, reward: float, kept: bool) -> dict[str, Any]:
     return {
         "problem_id": traj.problem_id,
         "reward": reward,
-        "correct": traj.reward,
-        "answered": float(traj.termination == T.ANSWERED),
+        "correct": float(traj.correct),
+        "answered": float(traj.termination == ANSWERED),
         "tool_calls": traj.num_tool_calls,
         "response_tokens": traj.response_tokens,
         "termination": traj.termination,
@@ -176,8 +176,8 @@ class AgentRollout:
         self.dynamic = dynamic
         self.backend: LLMBackend | None = None
         self.stats: list[RolloutStats] = []
-        if agent_config.chat is None:
-            raise ConfigError("training needs the token-exact path: an AgentConfig with a ChatFormat")
+        if not agent_config.chat.on_client:
+            raise ConfigError("training needs the token-exact path: a ChatFormat with a tokenizer")
         self.eos_id = agent_config.chat.eos_token_id
 
     def __call__(self, prompts: list[str], trainer: Any) -> dict[str, list[Any]]:

@@ -13,6 +13,8 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+from mathtool.sandbox.base import Sandbox
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -25,14 +27,13 @@ class AgentRuntime:
         self._thread = threading.Thread(target=self.loop.run_forever, name="agent-loop", daemon=True)
         self._thread.start()
         self._sandbox_cm: Any = None
-        self.sandbox: Any = None
         try:
-            self.sandbox = self.run(self._open_sandbox(tool_timeout_s, tool_memory_mb, isolation))
+            self.sandbox: Sandbox = self.run(self._open_sandbox(tool_timeout_s, tool_memory_mb, isolation))
         except BaseException:
             self._stop_loop()
             raise
 
-    async def _open_sandbox(self, timeout_s: float, memory_mb: int, isolation: bool) -> Any:
+    async def _open_sandbox(self, timeout_s: float, memory_mb: int, isolation: bool) -> Sandbox:
         from mathtool.sandbox import PythonSandbox
 
         self._sandbox_cm = PythonSandbox(timeout_s=timeout_s, memory_mb=memory_mb, isolation=isolation)

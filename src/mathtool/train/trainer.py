@@ -13,16 +13,15 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from mathtool.agent.chat_format import chat_setup, read_chat_template
 from mathtool.agent.loop import AgentConfig
+from mathtool.agent.setup import agent_setup, load_tokenizer
 from mathtool.data.problem import Problem
 from mathtool.errors import ConfigError, DatasetError
-from mathtool.llm.base import SamplingParams
 from mathtool.paths import atomic_write_text, check_writable, write_errors
 from mathtool.train.config import ARITHMETIC, EMBEDDED_MODEL, TrainConfig, resolve
 from mathtool.train.curriculum import arithmetic_problems, write_heldout
-from mathtool.train.evaluation import Evaluator
 from mathtool.train.generation import backend_factory
+from mathtool.train.held_out import HeldOutEval
 from mathtool.train.monitor import (
     CURVE_FILE,
     METRICS_FILE,
@@ -54,16 +53,18 @@ def train(preset: str | None, config_path: Path | None, overrides: dict[str, Any
     output = Path(output).expanduser()
     checkpoint = resume_checkpoint(output, resume)
     check_writable(output, OUTPUT_FIX)  # before the model loads
-    model, tokenizer = load_policy(config)
-    agent_config = agent_settings(config, tokenizer)
-    problems = training_problems(config, agent_config.tool_format)
+    source = str(_model_source(config.model))
+    agent_config = agent_setup(config, load_tokenizer(source, config.chat_template, required=True),
+                               config.context_length)
+    model = load_policy(config, source)
+    problems = training_problems(config, agent_config.chat.tool_format)
     eval_problems = evaluation_problems(config)
     if _is_main_process():
         with write_errors(output, OUTPUT_FIX):
             atomic_write_text(output / CONFIG_FILE, json.dumps(config.to_json(), indent=2))
             keep_rows_until(output / METRICS_FILE, _checkpoint_step(checkpoint))
             if config.dataset == ARITHMETIC:
-                write_heldout(output / HELDOUT_FILE, agent_config.tool_format)
+                write_heldout(output / HELDOUT_FILE, agent_config.chat.tool_format)
     with AgentRuntime(config.tool_timeout_s, config.tool_memory_mb, config.tool_isolation) as runtime:
         trainer = build_trainer(config, model, agent_config, problems, eval_problems, runtime, output)
         try:
@@ -91,7 +92,7 @@ def build_trainer(
     from datasets import Dataset
     from trl import GRPOTrainer
 
-    tokenizer = agent_config.chat.tokenizer  # training always renders on the client (agent_settings)
+    tokenizer = agent_config.chat.tokenizer  # training always renders on the client (load_tokenizer required it)
     overlong = None
     if config.overlong_buffer:
         overlong = (overlong_penalty(config.max_response_length, config.overlong_buffer), config.overlong_penalty)
@@ -109,11 +110,11 @@ def build_trainer(
             processing_class=tokenizer,
             rollout_func=rollout,
         )
-    evaluator = None
+    held_out = None
     if eval_problems:
-        evaluator = Evaluator(eval_problems, config.eval_samples, runtime, agent_config, config.n_parallel_agents,
+        held_out = HeldOutEval(eval_problems, config.eval_samples, runtime, agent_config, config.n_parallel_agents,
                               output)
-    trainer.add_callback(TrainingMonitor(output, rollout, evaluator, config.eval_every, trainer))
+    trainer.add_callback(TrainingMonitor(output, rollout, held_out, config.eval_every, trainer))
     return trainer
 
 
@@ -181,45 +182,22 @@ def dynamic_sampling(config: TrainConfig) -> DynamicSampling | None:
     return DynamicSampling(config.rollouts_per_problem, config.dynamic_sampling_max_rounds, config.seed)
 
 
-def agent_settings(config: TrainConfig, tokenizer: Any) -> AgentConfig:
-    """The agent as evaluation builds it (`chat_setup`): the same tool-format rule, rendered on the client.
-    The sampling fields are all explicit: TRL's logprobs are over the whole vocabulary (top_k 0, min_p 0)."""
-    tool_format, chat = chat_setup(tokenizer, None, config.thinking, config.tool_format)
-    return AgentConfig(
-        tool_format=tool_format,
-        max_turns=config.max_turns,
-        max_response_length=config.max_response_length,
-        max_prompt_length=config.max_prompt_length,
-        context_length=config.context_length,
-        sampling=SamplingParams(temperature=config.temperature, top_p=config.top_p, top_k=0, min_p=0.0,
-                                max_tokens=config.max_response_length),
-        chat=chat,
-        thinking=config.thinking,
-    )
-
-
-def load_policy(config: TrainConfig) -> tuple[Any, Any]:
-    """The model and tokenizer to train, in Hugging Face format, ready to train and save."""
+def load_policy(config: TrainConfig, source: str) -> Any:
+    """The model to train (from `source`, a folder or Hub id), in Hugging Face format, ready to train and save."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    source = str(_model_source(config.model))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, config.dtype))
     except (OSError, ValueError) as e:  # missing folder, unknown or unreachable Hub id, malformed name
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"cannot load model {config.model!r}: {first_line}") from None
-    if config.chat_template:  # the checkpoints carry it, so that `mathtool serve --model CKPT` speaks it too
-        tokenizer.chat_template = read_chat_template(config.chat_template)
-    if not getattr(tokenizer, "chat_template", None):
-        raise ConfigError(f"model {config.model!r} has no chat template; pass --chat-template NAME|FILE")
     # A model dequantised from GGUF keeps a quantizer marker that makes training and save_pretrained refuse.
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-    return model, tokenizer
+    return model
 
 
 def _model_source(name: str) -> Path | str:

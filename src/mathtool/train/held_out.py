@@ -1,7 +1,7 @@
 """Periodic evaluation of the policy on held-out problems, through the engine (`run_many`).
 
 Each process runs its share of the (problem, sample) jobs with the rollout's own backend; the first
-process writes an evaluation run directory per step (`eval/step-NNNNNN/`) through the engine's RunDir,
+process writes an evaluation run directory per step (`eval/step-NNNNNN/`) through the run record's RunDir,
 with the same files `mathtool eval` writes, so `mathtool report` reads them.
 """
 
@@ -15,17 +15,19 @@ from typing import Any
 from mathtool.agent.loop import AgentConfig
 from mathtool.agent.trajectory import Trajectory
 from mathtool.data.problem import Problem
-from mathtool.engine.run_dir import RunDir
 from mathtool.engine.runner import run_many
 from mathtool.llm.base import LLMBackend
 from mathtool.metrics.summary import compute_metrics
+from mathtool.run_record import RunDir
 from mathtool.train.rollout import gather_rows
 from mathtool.train.runtime import AgentRuntime
 
 log = logging.getLogger(__name__)
 
 
-class Evaluator:
+class HeldOutEval:
+    """The policy evaluated on held-out problems, every `eval_every` steps (called by `TrainingMonitor`)."""
+
     def __init__(
         self,
         problems: list[Problem],

@@ -9,16 +9,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from mathtool.agent.chat_format import chat_setup, load_tokenizer
-from mathtool.agent.loop import AgentConfig
+from mathtool.agent.setup import agent_setup, load_tokenizer
 from mathtool.data import load_problems
-from mathtool.engine.run_dir import RunDir, check_output, check_resume
-from mathtool.engine.runner import evaluate
+from mathtool.engine.runner import run_pending
 from mathtool.engine.settings import EvalSettings
-from mathtool.llm.base import SamplingParams
 from mathtool.llm.openai_backend import OpenAIBackend
 from mathtool.metrics import compute_metrics
-from mathtool.metrics.run_files import dataset_sha256
+from mathtool.run_record import RunDir, check_output, check_resume, dataset_sha256
 from mathtool.sandbox import PythonSandbox
 
 log = logging.getLogger(__name__)
@@ -70,30 +67,21 @@ async def run_eval(settings: EvalSettings) -> tuple[dict[str, Any], Path]:
         check_resume(output, given)
     with model_server(settings) as (urls, model, tokenizer_source):
         async with await OpenAIBackend.connect(urls, model, request_timeout_s=settings.request_timeout_s) as llm:
-            tokenizer = load_tokenizer(tokenizer_source) if llm.supports_token_ids else None
-            tool_format, chat = chat_setup(tokenizer, settings.chat_template, settings.thinking, settings.tool_format)
-            if chat is None:
+            tokenizer = load_tokenizer(tokenizer_source, settings.chat_template) if llm.supports_token_ids else None
+            agent_config = agent_setup(settings, tokenizer, llm.max_model_len, seed=settings.seed)
+            chat = agent_config.chat
+            if not chat.on_client:
                 log.warning("using the server's chat completions: trajectories hold text, not token ids (%s)",
                             _why_chat_path(llm, tokenizer_source))
-            resolved = {**settings.to_json(), "model": llm.model, "base_url": urls, "tool_format": tool_format,
-                        "output": str(output), "token_exact": chat is not None,
+            resolved = {**settings.to_json(), "model": llm.model, "base_url": urls, "tool_format": chat.tool_format,
+                        "output": str(output), "token_exact": chat.on_client,
                         "context_length": llm.max_model_len, "num_problems": len(problems),
                         "dataset_sha256": dataset_sha256(problems)}
             run_dir = RunDir(output, resolved, resume=settings.resume)
-            agent_config = AgentConfig(
-                tool_format=tool_format,
-                max_turns=settings.max_turns,
-                max_response_length=settings.max_response_length,
-                max_prompt_length=settings.max_prompt_length,
-                context_length=llm.max_model_len,
-                sampling=SamplingParams(settings.temperature, settings.top_p, seed=settings.seed),
-                chat=chat,
-                thinking=settings.thinking,
-            )
             try:
                 async with PythonSandbox(timeout_s=settings.tool_timeout_s) as sandbox:
-                    await evaluate(problems, settings.n_samples, run_dir, llm, sandbox, agent_config,
-                                   settings.n_parallel_agents)
+                    await run_pending(problems, settings.n_samples, run_dir, llm, sandbox, agent_config,
+                                      settings.n_parallel_agents)
             finally:
                 run_dir.close()
     ids = {p.id for p in problems}
