@@ -10,6 +10,13 @@ One row per optimizer step:
   logprobs, loss, backward, optimizer), and `time_generation_s`, `time_tools_s`, `time_grading_s`, the
   seconds the trajectories spent in each, summed over trajectories (they overlap one another);
 - `eval_pass@1` (and the other eval metrics) on evaluation steps;
+- with several processes in mind: `trajectories_per_process` (how many of the step's trajectories each
+  process rolled out: its share of TRL's generation batch), TRL's `frac_reward_zero_std` (the fraction of
+  the groups TRL computed advantages over, after gathering every process's rewards, whose rewards are all
+  equal: `zero_advantage_groups / groups` when TRL's groups are the problems' whole groups), and
+  `weight_norm_per_process` (the L2 norm of the policy's weights on each process after the step, in float64:
+  the same on every process under data parallelism, and the norm of the checkpoint saved at that step;
+  absent under FSDP and DeepSpeed, whose processes hold shards);
 - what the training algorithms removed, when they are on (all processes): `void_masked` (trajectories
   kept out of the loss for a void turn), `overlong_penalized` (trajectories the overlong penalty
   lowered), and for dynamic sampling `dynamic_dropped_groups` / `dynamic_dropped_trajectories` (equal-reward
@@ -33,7 +40,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from mathtool.train.held_out import HeldOutEval
-from mathtool.train.rollout import AgentRollout, RolloutStats
+from mathtool.train.rollout import AgentRollout, RolloutStats, gather_rows
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +77,14 @@ def rollout_metrics(stats: RolloutStats) -> dict[str, Any]:
         "time_generation_s": total("generation_s"),
         "time_tools_s": total("tools_s"),
         "time_grading_s": total("grading_s"),
+        "trajectories_per_process": _per_process(rows),
         **stats.counts,
     }
+
+
+def _per_process(rows: list[dict[str, Any]]) -> list[int]:
+    counts = Counter(r["process"] for r in rows)
+    return [counts[i] for i in range(max(counts, default=-1) + 1)]
 
 
 class TrainingMonitor(TrainerCallback):
@@ -102,7 +115,10 @@ class TrainingMonitor(TrainerCallback):
         if not logs or "loss" not in logs or stats is None:
             return
         row = {"step": state.global_step, **rollout_metrics(stats)}
-        row.update({k: logs[k] for k in ("loss", "grad_norm", "learning_rate") if k in logs})
+        row.update({k: logs[k] for k in ("loss", "grad_norm", "learning_rate", "frac_reward_zero_std") if k in logs})
+        norms = weight_norms(self.trainer)
+        if norms is not None:
+            row["weight_norm_per_process"] = norms
         row["time_step_s"] = round(self._step_wall, 3)
         row["time_update_s"] = round(max(self._step_wall - stats.wall_s, 0.0), 3)
         row.update(self._eval)
@@ -120,6 +136,22 @@ def sync_vllm_weights(trainer: Any) -> None:
     if getattr(trainer, "use_vllm", False) and trainer._last_loaded_step != step:
         trainer.vllm_generation.sync_weights()
         trainer._last_loaded_step = step
+
+
+def weight_norms(trainer: Any) -> list[float] | None:
+    """The L2 norm of the policy's weights on each process, in float64, on every process (a collective call).
+    None under FSDP and DeepSpeed, where each process holds a shard."""
+    import torch
+    from accelerate import DistributedType
+
+    accelerator = trainer.accelerator
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return None
+    with torch.no_grad():
+        squares = [chunk.double().square().sum() for p in trainer.model.parameters()
+                   for chunk in p.detach().reshape(-1).split(1 << 24)]  # in pieces: no float64 copy of a whole matrix
+        norm = float(torch.stack(squares).sum().sqrt())
+    return gather_rows(accelerator, [norm])
 
 
 def append_row(path: Path, row: dict[str, Any]) -> None:

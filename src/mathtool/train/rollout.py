@@ -193,8 +193,9 @@ class AgentRollout:
         out = to_trl(trajs, self.masks, self.eos_id)
         rewards = self.total_rewards(trajs)
         counts |= self.removed_counts(trajs)
-        summaries = [summarize(t, r, self.masks.keeps(t)) for t, r in zip(trajs, rewards, strict=True)]
         accelerator = getattr(trainer, "accelerator", None)
+        process = {"process": getattr(accelerator, "process_index", 0)}
+        summaries = [summarize(t, r, self.masks.keeps(t)) | process for t, r in zip(trajs, rewards, strict=True)]
         self.stats.append(RolloutStats(wall, gather_rows(accelerator, summaries), gather_counts(accelerator, counts)))
         log.info("rollout: %d trajectories in %.1f s, reward mean %.3f%s", len(trajs), wall,
                  sum(rewards) / max(len(rewards), 1), f", {counts}" if counts else "")
@@ -229,7 +230,7 @@ class AgentRollout:
         trains on the returned ids and scores the returned fields, so a refilled slot is consistent; only
         the prompt text TRL keeps for it (read by its optional completion log, and passed to reward
         functions, which ignore it) is the dropped problem's. Processes refill independently (no
-        collective call inside): each must hold whole groups, which `build_trainer` checks
+        collective call inside): each must hold whole groups, which `train` checks at start
         (problems_per_step a multiple of the processes) and this call checks again.
         """
         assert self.dynamic is not None and self.backend is not None

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from mathtool.agent.loop import AgentConfig
 from mathtool.agent.setup import agent_setup, load_tokenizer
@@ -50,6 +52,9 @@ def train(preset: str | None, config_path: Path | None, overrides: dict[str, Any
     holds checkpoints without `resume`) and DatasetError (missing or empty dataset).
     """
     config = resolve(preset, config_path, overrides)
+    processes = distributed_state().num_processes
+    check_processes(config, processes, gpus_for_training())
+    _warn_single_cpu_launch(processes)
     output = Path(output).expanduser()
     checkpoint = resume_checkpoint(output, resume)
     check_writable(output, OUTPUT_FIX)  # before the model loads
@@ -73,6 +78,7 @@ def train(preset: str | None, config_path: Path | None, overrides: dict[str, Any
             trainer.rollout_func.close()
     if _is_main_process():
         plot_reward_curve(read_rows(output / METRICS_FILE), output / CURVE_FILE)
+    distributed_state().wait_for_everyone()  # the main process has written the last checkpoint
     last = _last_checkpoint(output)
     if last is None:
         raise ConfigError(f"training saved no checkpoint under {output}")
@@ -126,6 +132,8 @@ def grpo_args(config: TrainConfig, output: Path, reward_weights: list[float]) ->
         output_dir=str(output),
         max_steps=config.max_steps,
         learning_rate=config.learning_rate,
+        use_cpu=_on_cpu(),
+        ddp_find_unused_parameters=False,  # a causal LM uses every weight: no extra pass over the graph
         lr_scheduler_type="constant_with_warmup",
         warmup_steps=config.warmup_steps,
         max_grad_norm=config.max_grad_norm,
@@ -159,27 +167,59 @@ def grpo_args(config: TrainConfig, output: Path, reward_weights: list[float]) ->
 
 def accumulation_steps(config: TrainConfig) -> int:
     """Micro-batches per optimizer step, so that each step trains on one full generation batch."""
-    from accelerate import PartialState
-
-    per_step = config.problems_per_step * config.rollouts_per_problem
-    per_pass = config.micro_batch_size * PartialState().num_processes
-    if per_step % per_pass:
-        raise ConfigError(f"problems_per_step x rollouts_per_problem ({per_step}) must be a multiple of "
-                          f"micro_batch_size x processes ({per_pass})")
-    return per_step // per_pass
+    per_pass = config.micro_batch_size * distributed_state().num_processes
+    return config.problems_per_step * config.rollouts_per_problem // per_pass
 
 
 def dynamic_sampling(config: TrainConfig) -> DynamicSampling | None:
-    """The dynamic sampling settings, if on; each process refills its own groups, so each must hold whole ones."""
+    """The dynamic sampling settings, if on (`check_processes` has made sure each process holds whole groups)."""
     if not config.dynamic_sampling:
         return None
-    from accelerate import PartialState
+    return DynamicSampling(config.rollouts_per_problem, config.dynamic_sampling_max_rounds, config.seed)
 
-    processes = PartialState().num_processes
-    if config.problems_per_step % processes:
+
+def check_processes(config: TrainConfig, processes: int, gpus: int | None) -> None:
+    """Refuse, in one line before any model loads, a process count that the settings cannot run on.
+
+    Each step's trajectories (problems_per_step x rollouts_per_problem, TRL's generation batch) are split
+    evenly across the processes, in micro-batches: they must divide by micro_batch_size x processes. Dynamic
+    sampling refills groups within a process, so each process must hold whole groups. `gpus` is the number
+    of GPUs the training processes share, None where unknown or set apart already (CUDA_VISIBLE_DEVICES):
+    a vLLM server on this machine needs one that no training process uses, and vllm-colocate needs one per
+    process.
+    """
+    per_step = config.problems_per_step * config.rollouts_per_problem
+    per_pass = config.micro_batch_size * processes
+    if per_step % per_pass:
+        raise ConfigError(f"problems_per_step x rollouts_per_problem ({per_step}) must be a multiple of "
+                          f"micro_batch_size x processes ({config.micro_batch_size} x {processes})")
+    if config.dynamic_sampling and config.problems_per_step % processes:
         raise ConfigError(f"dynamic_sampling needs problems_per_step ({config.problems_per_step}) to be a multiple "
                           f"of the number of processes ({processes}), so that each holds whole groups")
-    return DynamicSampling(config.rollouts_per_problem, config.dynamic_sampling_max_rounds, config.seed)
+    if not gpus:
+        return
+    if config.generation == "vllm-server" and _server_is_local(config.vllm_server_url) and processes >= gpus:
+        raise ConfigError(f"generation vllm-server needs a GPU for `trl vllm-serve` that no training process uses: "
+                          f"{processes} processes on {gpus} GPUs; launch fewer (configs/accelerate/"
+                          f"qwen3-4b-4gpu-server.yaml) and serve on the others")
+    if config.generation == "vllm-colocate" and processes > gpus:
+        raise ConfigError(f"generation vllm-colocate runs a vLLM engine in each process, on its own GPU: "
+                          f"{processes} processes on {gpus} GPUs")
+
+
+def gpus_for_training() -> int | None:
+    """The GPUs the training processes share, or None: none here, or CUDA_VISIBLE_DEVICES chose them already
+    (the user has set some apart, for a server, say)."""
+    import torch
+
+    if os.environ.get("CUDA_VISIBLE_DEVICES") is not None or not torch.cuda.is_available():
+        return None
+    return torch.cuda.device_count()
+
+
+def _server_is_local(url: str | None) -> bool:
+    host = urlparse(url).hostname if url else "localhost"  # TRL's default: this machine
+    return host in ("localhost", "127.0.0.1", "0.0.0.0", "::1")
 
 
 def load_policy(config: TrainConfig, source: str) -> Any:
@@ -263,10 +303,31 @@ def _last_checkpoint(output: Path) -> Path | None:
     return Path(found) if found else None
 
 
-def _is_main_process() -> bool:
+def distributed_state() -> Any:
+    """accelerate's view of this run's processes. `accelerate launch` starts several local processes only as
+    for GPUs (through torchrun), without telling them to use the CPU; where there is no GPU, this does, so
+    that they train together over gloo (`grpo_args` tells the trainer the same)."""
     from accelerate import PartialState
 
-    return PartialState().is_main_process
+    return PartialState(cpu=_on_cpu())
+
+
+def _on_cpu() -> bool:
+    import torch
+    from accelerate.utils import parse_flag_from_env
+
+    return not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU")
+
+
+def _warn_single_cpu_launch(processes: int) -> None:
+    """`accelerate launch --cpu --num_processes N` starts one process (N need mpirun); it leaves MASTER_PORT set."""
+    if processes == 1 and _on_cpu() and "MASTER_PORT" in os.environ and "WORLD_SIZE" not in os.environ:
+        log.warning("accelerate started a single process; for several on CPU, launch with "
+                    "--config_file configs/accelerate/cpu-2-processes.yaml (or --multi_gpu --num_processes N)")
+
+
+def _is_main_process() -> bool:
+    return distributed_state().is_main_process
 
 
 def _checkpoint_step(checkpoint: str | None) -> int:
