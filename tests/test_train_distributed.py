@@ -18,7 +18,6 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -176,9 +175,9 @@ def test_the_qwen3_4b_layouts_divide_as_trl_needs() -> None:
     assert server.generation == "vllm-server"
     check_processes(server, _accelerate_processes("qwen3-4b-4gpu-server.yaml"), gpus=None)  # gpu_ids set apart
     check_processes(server, 4, gpus=8)
-    check_processes(replace(server, dynamic_sampling=True), 4, gpus=8)
+    check_processes(changed(server, dynamic_sampling=True), 4, gpus=8)
     cpu_demo = resolve("cpu-demo", None, None)
-    check_processes(replace(cpu_demo, dynamic_sampling=True), _accelerate_processes("cpu-2-processes.yaml"), None)
+    check_processes(changed(cpu_demo, dynamic_sampling=True), _accelerate_processes("cpu-2-processes.yaml"), None)
 
 
 @pytest.mark.parametrize(
@@ -191,13 +190,17 @@ def test_the_qwen3_4b_layouts_divide_as_trl_needs() -> None:
 )
 def test_a_process_count_that_does_not_fit_is_one_line(changes: dict[str, Any], processes: int, gpus: int | None,
                                                        match: str) -> None:
-    config = replace(resolve("qwen3-4b", None, None), **changes)
+    config = changed(resolve("qwen3-4b", None, None), **changes)
     with pytest.raises(ConfigError, match=match) as error:
         check_processes(config, processes, gpus)
     assert "\n" not in str(error.value)
 
 
 def test_a_server_elsewhere_or_no_gpu_is_not_counted() -> None:
-    server = replace(TrainConfig(), generation="vllm-server", problems_per_step=8, rollouts_per_problem=8)
-    check_processes(replace(server, vllm_server_url="http://gpu-box-2:8000"), 8, gpus=8)  # another machine
+    server = changed(TrainConfig(), generation="vllm-server", problems_per_step=8, rollouts_per_problem=8)
+    check_processes(changed(server, vllm_server_url="http://gpu-box-2:8000"), 8, gpus=8)  # another machine
     check_processes(server, 8, gpus=None)  # CPU, or CUDA_VISIBLE_DEVICES set the training GPUs apart
+
+
+def changed(config: TrainConfig, **changes: Any) -> TrainConfig:
+    return TrainConfig.from_values({**config.to_json(), **changes})
