@@ -144,10 +144,10 @@ def compare(
     """Compare runs: pass@k and maj@k with intervals; for two runs, the paired difference and flipped problems."""
     from mathtool.metrics.compare import compare_runs, comparison_lines, comparison_table
     from mathtool.metrics.compare_page import write_comparison
-    from mathtool.paths import check_writable, write_errors
+    from mathtool.paths import OUTPUT_FIX, check_writable, write_errors
 
     if output is not None:
-        check_writable(output, "pick another --output")
+        check_writable(output, OUTPUT_FIX)
     comparison = compare_runs(run_dirs)
     for line in comparison.warnings:
         err_console.print(f"[yellow]warning:[/] {line}", highlight=False, soft_wrap=True)
@@ -155,7 +155,7 @@ def compare(
     for line in comparison_lines(comparison):
         console.print(line, highlight=False, soft_wrap=True)
     if output is not None:
-        with write_errors(output, "pick another --output"):
+        with write_errors(output, OUTPUT_FIX):
             console.print(f"wrote {write_comparison(comparison, output)}")
 
 

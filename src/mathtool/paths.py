@@ -18,6 +18,8 @@ from pathlib import Path
 
 from mathtool.errors import ConfigError
 
+OUTPUT_FIX = "pick another --output"  # the fix for an --output that cannot take the run
+
 
 def mathtool_home() -> Path:
     return Path(os.environ.get("MATHTOOL_HOME") or Path.home() / ".cache" / "mathtool").expanduser()

@@ -28,7 +28,7 @@ from typing import Any
 
 from mathtool.data.problem import Problem
 from mathtool.errors import ConfigError
-from mathtool.paths import atomic_write_text, check_writable, write_errors
+from mathtool.paths import OUTPUT_FIX, atomic_write_text, check_writable, write_errors
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,6 @@ ERROR = "error"  # the server or the loop failed; `error` says why (redone on re
 # Settings that change what a trajectory is: resuming with another value would mix two kinds in one run.
 TRAJECTORY_SETTINGS = ("dataset", "model", "token_exact", "tool_format", "chat_template", "thinking", "max_turns",
                        "max_response_length", "max_prompt_length", "temperature", "top_p", "seed")
-OUTPUT_FIX = "pick another --output"
 RESUME_FIX = "make room or fix the directory, then rerun with --resume"
 
 

@@ -21,7 +21,6 @@ from mathtool.sandbox import PythonSandbox
 log = logging.getLogger(__name__)
 
 
-
 @contextlib.contextmanager
 def model_server(settings: EvalSettings) -> Iterator[tuple[list[str], str | None, str | None]]:
     """The servers to use: the ones given; else vLLM started for the run, serving --model (a Hub id or a

@@ -18,6 +18,7 @@ import hashlib
 import itertools
 import json
 import random
+from collections import Counter
 from pathlib import Path
 
 from mathtool.agent.parsers import HERMES, MARKDOWN
@@ -57,13 +58,14 @@ def _expressions() -> list[str]:
     return expressions
 
 
-MAX_PROBLEMS = sum(not held_out(e) for e in _expressions())  # in the training split
+_SPLIT_SIZES = Counter(held_out(e) for e in _expressions())  # {True: held out, False: training}
+MAX_PROBLEMS = _SPLIT_SIZES[False]  # in the training split
 
 
 def arithmetic_problems(count: int, seed: int = 0, tool_format: str = MARKDOWN, heldout: bool = False) -> list[Problem]:
     """`count` distinct training problems (or held-out ones), the same for the same seed, each after the
     worked example in `tool_format`."""
-    limit = MAX_PROBLEMS if not heldout else len(_expressions()) - MAX_PROBLEMS
+    limit = _SPLIT_SIZES[heldout]
     if not 1 <= count <= limit:
         raise ConfigError(f"curriculum_size must be between 1 and {limit}")
     rng = random.Random(seed)

@@ -19,7 +19,7 @@ from mathtool.agent.loop import AgentConfig
 from mathtool.agent.setup import agent_setup, load_tokenizer
 from mathtool.data.problem import Problem
 from mathtool.errors import ConfigError, DatasetError
-from mathtool.paths import atomic_write_text, check_writable, write_errors
+from mathtool.paths import OUTPUT_FIX, atomic_write_text, check_writable, write_errors
 from mathtool.train.config import ARITHMETIC, EMBEDDED_MODEL, TrainConfig, resolve
 from mathtool.train.curriculum import arithmetic_problems, write_heldout
 from mathtool.train.generation import backend_factory
@@ -40,7 +40,6 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = "train_config.json"
 HELDOUT_FILE = "heldout.jsonl"  # the curriculum's held-out problems, for `mathtool eval --dataset`
-OUTPUT_FIX = "pick another --output"
 
 
 def train(preset: str | None, config_path: Path | None, overrides: dict[str, Any] | None, output: Path,
@@ -290,7 +289,7 @@ def resume_checkpoint(output: Path, resume: bool) -> str | None:
     """The checkpoint to continue from; refuses to start over on top of an earlier run's checkpoints."""
     last = _last_checkpoint(output)
     if last is not None and not resume:
-        raise ConfigError(f"{output} already holds checkpoints; add --resume to continue, or pick another --output")
+        raise ConfigError(f"{output} already holds checkpoints; add --resume to continue, or {OUTPUT_FIX}")
     if resume and last is None:
         log.warning("no checkpoint under %s to resume from; starting at step 0", output)
     return str(last) if last is not None else None
