@@ -172,10 +172,13 @@ def check_output(path: Path, resume: bool) -> None:
 def check_resume(path: Path, settings: dict[str, Any]) -> None:
     """Refuse to resume the run in `path` with a value of a TRAJECTORY_SETTINGS key other than the one in its
     config.json (keys missing from either side are not compared). Called with the settings as given before
-    any server starts, and again with the resolved ones (model, token-exactness, tool format)."""
-    old = read_run_config(path) if _holds_a_run(path) else None
-    if not old:
-        return
+    any server starts; RunDir checks the resolved ones (model, token-exactness, tool format) against the
+    config.json it has read already."""
+    if _holds_a_run(path):
+        _refuse_changes(path, read_run_config(path) or {}, settings)
+
+
+def _refuse_changes(path: Path, old: dict[str, Any], settings: dict[str, Any]) -> None:
     changed = [k for k in TRAJECTORY_SETTINGS if k in old and k in settings and old[k] != settings[k]]
     if changed:
         was = ", ".join(f"{k} {old[k]!r} (now {settings[k]!r})" for k in changed)
@@ -203,9 +206,9 @@ class RunDir:
         old = read_run_config(path)
         with write_errors(path, OUTPUT_FIX):
             path.mkdir(parents=True, exist_ok=True)
-            if resume and self.trajectories_path.exists():
+            if resume and _holds_a_run(path):
                 _cut_torn_tail(self.trajectories_path)
-                check_resume(path, config)
+                _refuse_changes(path, old or {}, config)
             self._write_config(old, config)
             self._file = self.trajectories_path.open("a", encoding="utf-8")
 
