@@ -56,11 +56,19 @@ class CuttableProxy:
 
 
 def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    """Relay one direction. Its end is passed on as a direct connection would pass it: a server that closes an
+    idle keep-alive connection must be seen closing it by the client, or the client's next request on it
+    goes into the void (and waits for its timeout)."""
     try:
         while data := src.recv(65536):
             dst.sendall(data)
-    except OSError:
-        pass
+        dst.shutdown(socket.SHUT_WR)
+    except OSError:  # one side was reset or cut: end both
+        for sock in (src, dst):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 def free_port() -> int:
