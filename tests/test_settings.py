@@ -105,6 +105,20 @@ def test_a_bad_flag_is_one_line_before_any_server() -> None:
     assert result.stderr.strip() == "error: n_samples must be at least 1, not 0"
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["eval", "--n-samples", "2.7"], "error: Invalid value for '--n-samples': Input should be a valid integer"),
+    (["eval", "--bogus"], "error: No such option: --bogus (see `mathtool eval --help`)"),
+    (["evl"], "error: No such command 'evl'. Did you mean 'eval'? (see `mathtool --help`)"),
+    (["report"], "error: Missing argument 'run_dir'. (see `mathtool report --help`)"),
+])
+def test_a_usage_mistake_is_one_line_from_the_console_script(args: list[str], message: str) -> None:
+    """The command-line parser's own errors (typer prints a box of several lines) are one line too."""
+    result = subprocess.run([str(Path(sys.executable).parent / "mathtool"), *args], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2 and result.stderr.startswith(message), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not result.stdout, result.stderr
+
+
 def test_the_cli_shows_it_as_one_line_for_eval_and_train(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text("a: [\n")

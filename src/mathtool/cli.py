@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_origin
@@ -18,6 +19,11 @@ import typer
 from pydantic.fields import FieldInfo
 from rich.console import Console
 from rich.table import Table
+
+try:  # typer 0.2x carries its own copy of click, whose exceptions its commands raise
+    from typer._click import exceptions as click_errors
+except ImportError:
+    from click import exceptions as click_errors
 
 from mathtool.engine.settings import EMBEDDED_DEFAULTS, EvalSettings, Flag, Settings, flag_fields, without_none
 from mathtool.errors import MathtoolError
@@ -231,5 +237,25 @@ def train(
     console.print(f"done: last checkpoint {checkpoint}; metrics in {output / 'metrics.jsonl'}")
 
 
+def run() -> None:
+    """The `mathtool` console script: the typer app, with a usage mistake (an unknown command or option, a
+    value of the wrong type) shown as one `error:` line naming the help to read, exit code 2."""
+    try:
+        code = app(standalone_mode=False)
+    except click_errors.NoArgsIsHelpError as e:
+        e.show()  # `mathtool` alone: the help, with click's exit code
+        code = e.exit_code
+    except click_errors.UsageError as e:
+        where = f" (see `{e.ctx.command_path} --help`)" if e.ctx else ""
+        err_console.print(f"[bold red]error:[/] {e.format_message()}{where}", highlight=False, soft_wrap=True)
+        code = 2
+    except click_errors.ClickException as e:
+        err_console.print(f"[bold red]error:[/] {e.format_message()}", highlight=False, soft_wrap=True)
+        code = e.exit_code
+    except typer.Abort:
+        code = 130
+    sys.exit(code if isinstance(code, int) else 0)
+
+
 if __name__ == "__main__":
-    app()
+    run()
