@@ -260,3 +260,12 @@ def test_parsers_after_reasoning_and_turn_end() -> None:
     text = CALL + "\n<tool_response>\n41"
     assert turn_end(text, HERMES) == len(CALL)
     assert turn_end("no call <tool_response>", HERMES) == len("no call <tool_response>")
+
+
+def test_a_flood_of_output_reaches_the_model_as_a_screenful(tokenizer: Any) -> None:
+    """Code that prints in a loop (as the embedded model's sometimes does) must not fill the context."""
+    flood = '<tool_call>\n{"name": "python", "arguments": {"code": "for i in range(30000): print(i)"}}\n</tool_call>'
+    traj, backend, _ = run(tokenizer, [flood, ANSWER])
+    shown = traj.messages[3]["content"]
+    assert shown.startswith("0\n1\n2\n") and shown.endswith("more characters not shown ...]")
+    assert 4000 < len(shown) < 4100 and traj.token_exact and traj.termination == ANSWERED

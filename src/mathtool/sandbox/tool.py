@@ -22,6 +22,7 @@ PYTHON_TOOL = {
     },
 }
 
+MAX_OUTPUT_CHARS = 4000  # of stdout, what the model is shown: printing in a loop gives a screenful, not a full context
 MAX_ERROR_LINES = 12
 MAX_ERROR_CHARS = 2000
 NO_OUTPUT = "[No output. Use print() to see values.]"
@@ -29,7 +30,7 @@ NO_OUTPUT = "[No output. Use print() to see values.]"
 
 def format_tool_result(result: RunResult) -> str:
     """stdout, then the tail of stderr (the traceback's last lines), then a marker if the run was stopped."""
-    parts = [result.stdout.rstrip("\n")] if result.stdout.strip() else []
+    parts = [_head(result.stdout.rstrip("\n"))] if result.stdout.strip() else []
     stderr = _tail(result.stderr)
     if stderr:
         parts.append(stderr)
@@ -38,6 +39,12 @@ def format_tool_result(result: RunResult) -> str:
     elif not result.ok and result.error and result.error not in stderr:
         parts.append(f"[Error: {result.error}]")
     return "\n".join(parts) if parts else NO_OUTPUT
+
+
+def _head(stdout: str) -> str:
+    if len(stdout) <= MAX_OUTPUT_CHARS:
+        return stdout
+    return f"{stdout[:MAX_OUTPUT_CHARS]}\n[... {len(stdout) - MAX_OUTPUT_CHARS} more characters not shown ...]"
 
 
 def _tail(stderr: str) -> str:
