@@ -16,11 +16,12 @@ from pathlib import Path
 import pytest
 from server_proxy import CuttableProxy
 
-from mathtool.agent.chat_format import chat_setup
+from mathtool.agent.chat_format import ChatFormat, chat_setup
 from mathtool.agent.loop import AgentConfig, run_agent
 from mathtool.agent.parsers import MARKDOWN
 from mathtool.data.problem import Problem
 from mathtool.llm import OpenAIBackend, SamplingParams
+from mathtool.run_record import CONTEXT
 from mathtool.sandbox import PythonSandbox
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
@@ -58,6 +59,17 @@ def tool_trajectories(embedded_server, tokenizer) -> list:
                 return await asyncio.gather(*runs)
 
     return asyncio.run(run_all())
+
+
+async def test_a_prompt_past_the_context_on_the_chat_path_ends_as_context(embedded_server) -> None:
+    """The chat path cannot count tokens before sending; vLLM's refusal (HTTP 400) ends the trajectory the way
+    the token path ends one, not as a failure to redo on resume."""
+    problem = Problem("long", "What is 1 + 1? " * 700, "2")  # ~5,600 tokens; the embedded context is 4,096
+    config = AgentConfig(chat=ChatFormat(MARKDOWN), max_turns=2, max_response_length=64)
+    async with OpenAIBackend([embedded_server.base_url], embedded_server.model) as llm:
+        async with PythonSandbox(timeout_s=5) as sandbox:
+            traj = await run_agent(problem, 0, llm, sandbox, config)
+    assert (traj.termination, traj.error, traj.num_turns) == (CONTEXT, None, 0)
 
 
 def runs_of(values: list[int], wanted: int) -> list[tuple[int, int]]:

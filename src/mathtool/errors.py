@@ -13,6 +13,10 @@ class ServerError(MathtoolError):
     """A model server that cannot be reached, started or used."""
 
 
+class ContextExceeded(ServerError):
+    """The server refused a prompt longer than the model's context (the chat path cannot count it first)."""
+
+
 class ConfigError(MathtoolError):
     """Bad flag, config key or preset."""
 

@@ -29,7 +29,7 @@ from mathtool.agent.parsers import (
 from mathtool.agent.prompts import initial_messages, tool_result_message
 from mathtool.agent.trajectory import Trajectory
 from mathtool.data.problem import Problem
-from mathtool.errors import MathtoolError
+from mathtool.errors import ContextExceeded, MathtoolError
 from mathtool.grading import extract_boxed, grade_async
 from mathtool.llm.base import Completion, LLMBackend, SamplingParams
 from mathtool.run_record import ANSWERED, BUDGET, CONTEXT, ERROR, MAX_TURNS, STOPPED
@@ -213,7 +213,10 @@ class _Run:
             max_tokens, limit = self.budget()
             if max_tokens <= 0:
                 return limit
-            completion = await self.generate(max_tokens)
+            try:
+                completion = await self.generate(max_tokens)
+            except ContextExceeded:  # the chat path, which cannot count the prompt's tokens itself
+                return CONTEXT
             if completion.finish_reason == "length":
                 return limit
             calls = self.tool_calls(completion)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 import time
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from typing import Any
 
 import httpx
 
-from mathtool.errors import ServerError
+from mathtool.errors import ContextExceeded, ServerError
 from mathtool.llm.base import Completion, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -385,6 +386,8 @@ class OpenAIBackend:
         message = f"{url} answered HTTP {response.status_code}: {_error_text(response)}"
         if response.status_code == 429 or response.status_code >= 500:
             raise _TransientError(message)
+        if response.status_code == 400 and _CONTEXT_EXCEEDED.search(message):
+            raise ContextExceeded(message)
         raise ServerError(message)
 
 
@@ -425,6 +428,9 @@ class RoutedBackend:
 
 
 _ABORTED = ("abort", "error")
+# How vLLM ("maximum context length"), SGLang ("longer than the model's context length") and llama.cpp ("exceeds
+# the available context size") refuse a prompt that does not fit
+_CONTEXT_EXCEEDED = re.compile(r"context (length|size|window)", re.IGNORECASE)
 
 
 def _finish_reason(choice: dict[str, Any]) -> str:
