@@ -131,14 +131,18 @@ async def test_a_completion_of_the_wrong_shape_fails_its_request_with_one_line(b
     assert broken_server.requests["/v1/completions"] == 1  # not retried: the server answered, wrongly
 
 
-async def test_a_chat_completion_of_the_wrong_shape_is_recorded_in_the_trajectory(broken_server) -> None:
-    broken_server.bodies["/v1/chat/completions"] = '{"choices": [{"message": "4", "finish_reason": "stop"}]}'
+@pytest.mark.parametrize(("body", "problem"), [
+    ('{"choices": [{"message": "4", "finish_reason": "stop"}]}', "a first choice without its message"),
+    ('{"choices": [{"message": {"content": 4}, "finish_reason": "stop"}]}', "a message whose content is not text"),
+])
+async def test_a_chat_completion_of_the_wrong_shape_is_recorded_in_the_trajectory(broken_server, body,
+                                                                                  problem) -> None:
+    broken_server.bodies["/v1/chat/completions"] = body
     config = AgentConfig(chat=ChatFormat(MARKDOWN), max_turns=2, max_response_length=64)
     async with OpenAIBackend([broken_server.root], "m") as llm, PythonSandbox(timeout_s=5) as sandbox:
         traj = await run_agent(Problem("add", "What is 2 + 2?", "4"), 0, llm, sandbox, config)
     assert traj.termination == ERROR
-    assert traj.error == (f"{broken_server.root}/v1/chat/completions answered 200 with a first choice without its "
-                          'message: {"choices": [{"message": "4", "finish_reason": "stop"}]}')
+    assert traj.error == f"{broken_server.root}/v1/chat/completions answered 200 with {problem}: {body}"
 
 
 def dead_url() -> str:

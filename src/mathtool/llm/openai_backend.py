@@ -459,6 +459,8 @@ def _completion_body(url: str, response: httpx.Response) -> dict[str, Any]:
         problem = "no choices"
     elif not isinstance(choices[0], dict) or not isinstance(choices[0].get(field_name), kind):
         problem = f"a first choice without its {field_name}"
+    elif kind is dict and not isinstance(choices[0][field_name].get("content") or "", str):
+        problem = "a message whose content is not text"
     elif not isinstance(body.get("usage") or {}, dict):
         problem = "a usage that is not an object"
     else:
