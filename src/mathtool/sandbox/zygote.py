@@ -54,9 +54,6 @@ def main() -> NoReturn:
         isolated = _isolate(config, control) if config.isolation else None
     except Exception as exc:  # whatever stops isolation: tell the host why
         _fail(control, f"{protocol.ISOLATION_FAILED}{type(exc).__name__}: {exc}")
-    # A session of its own: no controlling terminal, and (where the kernel groups CPU time by session) its
-    # forking is not counted against the caller's share, which would slow the calls in flight.
-    os.setsid()
     try:
         zygote = Zygote(config, control, isolated)
     except Exception as exc:
