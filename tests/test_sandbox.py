@@ -285,6 +285,13 @@ async def test_garbage_on_the_workers_socket_stops_only_that_call(sandbox: Pytho
 
 
 @shared_loop
+async def test_a_fresh_session_shows_nothing_of_the_workers_warm_up(sandbox: PythonSandbox) -> None:
+    async with sandbox.session() as session:
+        first = await session.run("print(sorted(name for name in globals() if not name.startswith('__')))")
+    assert (first.stdout, first.stderr) == ("[]\n", "")
+
+
+@shared_loop
 async def test_session_state_persists_and_sessions_are_isolated(sandbox: PythonSandbox) -> None:
     async with sandbox.session() as first, sandbox.session() as second:
         await first.run("x = 41\nopen('/tmp/mine', 'w').write('first')")

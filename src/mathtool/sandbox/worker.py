@@ -37,7 +37,9 @@ from mathtool.sandbox.protocol import Limits, ZygoteConfig
 CELL = "<cell>"
 MIB = 1024 * 1024
 STDOUT_SPARE, STDERR_SPARE, CONTROL = 4, 5, 3
-WARM_UP_CELL = "__import__('math').factorial(3)"  # binds no name in the session's namespace
+# What an agent's cells do (import, assign, compute, print, a final expression), run in a namespace thrown
+# away afterwards: the pages these write are copied from the zygote's before the worker says it is ready.
+WARM_UP_CELL = "import math\nwarm = math.factorial(20) // 7\nprint(warm, [warm], {'warm': warm})\nwarm - 1"
 
 
 def _builtins_for_cells() -> types.ModuleType:
@@ -152,8 +154,8 @@ class Worker:
             self.send(self.handle(str(request["code"])))
             self.arm()
 
-    def handle(self, code: str) -> dict[str, Any]:
-        ok, error = run_cell(code, self.namespace, self.streams[1])
+    def handle(self, code: str, namespace: dict[str, Any] | None = None) -> dict[str, Any]:
+        ok, error = run_cell(code, self.namespace if namespace is None else namespace, self.streams[1])
         _close_streams(self.streams)
         if self.isolated:
             _kill_descendants()
@@ -162,7 +164,8 @@ class Worker:
     def warm_up(self) -> None:
         """Go through a call once before saying it is ready: the first real call then writes few pages for
         the first time (each such write copies a page of the zygote's)."""
-        json.loads(protocol.encode_frame(self.handle(WARM_UP_CELL))[protocol.HEADER.size :])
+        scratch_namespace = {"__name__": "__main__", "__builtins__": CELL_BUILTINS}
+        json.loads(protocol.encode_frame(self.handle(WARM_UP_CELL, scratch_namespace))[protocol.HEADER.size :])
         for fd in (STDOUT_SPARE, STDERR_SPARE):
             os.ftruncate(fd, 0)
         self.arm()
