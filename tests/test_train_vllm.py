@@ -16,11 +16,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from mathtool.agent.setup import agent_setup, load_tokenizer
+from mathtool.errors import ConfigError
 from mathtool.llm.vllm_colocate import InPlaceWeightSync
 from mathtool.train.config import resolve
 from mathtool.train.monitor import METRICS_FILE, read_rows, sync_vllm_weights
 from mathtool.train.runtime import AgentRuntime
-from mathtool.train.trainer import _model_source, build_trainer, load_policy, training_problems
+from mathtool.train.trainer import _model_source, build_trainer, check_generation, load_policy, training_problems
 
 TINY = {"generation": "vllm-colocate", "problems_per_step": 2, "rollouts_per_problem": 2, "max_response_length": 32,
         "max_steps": 1, "learning_rate": 1e-4, "overlong_buffer": 32, "dynamic_sampling": True, "save_every": 1}
@@ -103,3 +104,11 @@ def test_vllm_generates_with_the_updated_weights_after_a_sync(step: dict[str, An
     old = _policy_logprobs(before, prompt, completion, temperature)
     assert (updated - old).abs().max() > 10 * TOLERANCE, "the update barely moved these logprobs: no test"
     assert torch.allclose(from_vllm, updated, atol=TOLERANCE)
+
+
+def test_vllm_server_on_cpu_is_refused_in_one_line() -> None:
+    with pytest.raises(ConfigError, match="vllm-server needs a GPU") as error:
+        check_generation(resolve("cpu-demo", None, {"generation": "vllm-server"}), on_cpu=True)
+    assert "\n" not in str(error.value)
+    check_generation(resolve("cpu-demo", None, {"generation": "vllm-server"}), on_cpu=False)
+    check_generation(resolve("cpu-demo", None, {"generation": "vllm-colocate"}), on_cpu=True)
