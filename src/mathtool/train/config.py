@@ -70,6 +70,9 @@ class TrainConfig(Settings):
     generation_batch_size: Count = 32  # transformers: most sequences in one generate call
     vllm_server_url: str | None = None  # vllm-server: base URL of `trl vllm-serve` (default host:port TRL uses)
     vllm_gpu_memory_utilization: float = 0.3  # vllm-colocate
+    # TRL's importance sampling correction for vLLM modes: it recomputes the policy's logprobs of each rollout
+    # (one more forward pass over the batch) to reweight by policy / vLLM. Off where both run the same dtype.
+    vllm_importance_sampling: bool = True
     # Steps, evaluation, checkpoints
     max_steps: Annotated[Count, Flag()] = Field(100, description="Stop after this many GRPO steps.")
     eval_dataset: str | None = None  # held-out problems, evaluated through the engine
@@ -114,6 +117,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "mask_truncated": False,  # a small model must also learn to stop: cut rollouts get their low reward
         "generation": "transformers",
         "generation_batch_size": 16,
+        "vllm_importance_sampling": False,  # vLLM's CPU engine runs float32 too: its logprobs are the policy's
         "max_steps": 30,
         "eval_dataset": None,
         "save_every": 10,

@@ -22,7 +22,7 @@ from mathtool.errors import ConfigError, DatasetError
 from mathtool.paths import OUTPUT_FIX, atomic_write_text, check_writable, write_errors
 from mathtool.train.config import ARITHMETIC, EMBEDDED_MODEL, TrainConfig, resolve
 from mathtool.train.curriculum import arithmetic_problems, write_heldout
-from mathtool.train.generation import backend_factory
+from mathtool.train.generation import attach_weight_sync, backend_factory, colocated_engine_settings
 from mathtool.train.held_out import HeldOutEval
 from mathtool.train.monitor import (
     CURVE_FILE,
@@ -53,6 +53,7 @@ def train(preset: str | None, config_path: Path | None, overrides: dict[str, Any
     config = resolve(preset, config_path, overrides)
     processes = distributed_state().num_processes
     check_processes(config, processes, gpus_for_training())
+    check_generation(config, _on_cpu())
     _warn_single_cpu_launch(processes)
     output = Path(output).expanduser()
     checkpoint = resume_checkpoint(output, resume)
@@ -105,7 +106,7 @@ def build_trainer(
     masks = MaskPolicy(config.mask_truncated, config.mask_inexact, config.mask_void_turns)
     rollout = AgentRollout(problems, runtime, agent_config, backend_factory(config, tokenizer, runtime),
                            (functions, weights), masks, config.n_parallel_agents, dynamic_sampling(config))
-    with warnings.catch_warnings():  # rollout_func is marked experimental in TRL 1.16
+    with warnings.catch_warnings(), colocated_engine_settings(config):  # rollout_func: experimental in TRL 1.16
         warnings.filterwarnings("ignore", message="You are using 'rollout_func'")
         trainer = GRPOTrainer(
             model=model,
@@ -115,6 +116,7 @@ def build_trainer(
             processing_class=tokenizer,
             rollout_func=rollout,
         )
+    attach_weight_sync(config, trainer)
     held_out = None
     if eval_problems:
         held_out = HeldOutEval(eval_problems, config.eval_samples, runtime, agent_config, config.n_parallel_agents,
@@ -154,6 +156,7 @@ def grpo_args(config: TrainConfig, output: Path, reward_weights: list[float]) ->
         vllm_mode="server" if config.generation == "vllm-server" else "colocate",
         vllm_server_base_url=config.vllm_server_url,
         vllm_gpu_memory_utilization=config.vllm_gpu_memory_utilization,
+        vllm_importance_sampling_correction=config.vllm_importance_sampling,
         vllm_max_model_length=config.context_length if use_vllm else None,
         logging_steps=1,
         save_strategy="steps",
@@ -204,6 +207,13 @@ def check_processes(config: TrainConfig, processes: int, gpus: int | None) -> No
     if config.generation == "vllm-colocate" and processes > gpus:
         raise ConfigError(f"generation vllm-colocate runs a vLLM engine in each process, on its own GPU: "
                           f"{processes} processes on {gpus} GPUs")
+
+
+def check_generation(config: TrainConfig, on_cpu: bool) -> None:
+    """Refuse, in one line, a generation mode that cannot run on CPU."""
+    if config.generation == "vllm-server" and on_cpu:
+        raise ConfigError("generation vllm-server needs a GPU: TRL pushes the weights to `trl vllm-serve` over "
+                          "NCCL; on CPU use vllm-colocate (configs/cpu-demo-vllm.yaml)")
 
 
 def gpus_for_training() -> int | None:
