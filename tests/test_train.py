@@ -323,8 +323,8 @@ def test_evaluation_in_a_vllm_mode_first_syncs_this_steps_weights() -> None:
     trainer = SimpleNamespace(use_vllm=True, _last_loaded_step=4, vllm_generation=engine, accelerator=None,
                               state=SimpleNamespace(global_step=5))
     rollout = SimpleNamespace(backend="vllm")
-    held_out = lambda step, backend, accelerator: events.append(f"eval {step}") or {}  # noqa: E731
-    monitor = TrainingMonitor(Path("unused"), rollout, held_out, eval_every=5, trainer=trainer)
+    periodic_eval = lambda step, backend, accelerator: events.append(f"eval {step}") or {}  # noqa: E731
+    monitor = TrainingMonitor(Path("unused"), rollout, periodic_eval, eval_every=5, trainer=trainer)
     monitor.on_step_end(None, SimpleNamespace(global_step=5, max_steps=10), None)
     assert events == ["sync", "eval 5"] and trainer._last_loaded_step == 5
     monitor.on_step_end(None, SimpleNamespace(global_step=5, max_steps=10), None)  # already in sync: no push

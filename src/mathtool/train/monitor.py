@@ -39,7 +39,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from mathtool.train.held_out import HeldOutEval
+from mathtool.train.periodic_eval import PeriodicEval
 from mathtool.train.rollout import AgentRollout, RolloutStats, gather_rows
 
 log = logging.getLogger(__name__)
@@ -90,9 +90,9 @@ def _per_process(rows: list[dict[str, Any]]) -> list[int]:
 class TrainingMonitor(TrainerCallback):
     """Writes a metrics row per step, redraws the reward curve, runs the held-out evaluation when due."""
 
-    def __init__(self, output: Path, rollout: AgentRollout, held_out: HeldOutEval | None, eval_every: int,
+    def __init__(self, output: Path, rollout: AgentRollout, periodic_eval: PeriodicEval | None, eval_every: int,
                  trainer: Any) -> None:
-        self.output, self.rollout, self.held_out, self.eval_every = output, rollout, held_out, eval_every
+        self.output, self.rollout, self.periodic_eval, self.eval_every = output, rollout, periodic_eval, eval_every
         self.trainer = trainer
         self._step_started = time.perf_counter()
         self._step_wall = 0.0
@@ -105,9 +105,9 @@ class TrainingMonitor(TrainerCallback):
         self._step_wall = time.perf_counter() - self._step_started
         step = state.global_step
         due = self.eval_every and step % self.eval_every == 0 or step >= state.max_steps
-        if self.held_out is not None and due and self.rollout.backend is not None:
+        if self.periodic_eval is not None and due and self.rollout.backend is not None:
             sync_vllm_weights(self.trainer)  # evaluate the policy of this step, not the last one
-            metrics = self.held_out(step, self.rollout.backend, self.trainer.accelerator)
+            metrics = self.periodic_eval(step, self.rollout.backend, self.trainer.accelerator)
             self._eval = {f"eval_{k}": v for k, v in metrics.items() if isinstance(v, int | float)}
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:

@@ -23,7 +23,6 @@ from mathtool.paths import OUTPUT_FIX, atomic_write_text, check_writable, write_
 from mathtool.train.config import ARITHMETIC, EMBEDDED_MODEL, TrainConfig, resolve
 from mathtool.train.curriculum import arithmetic_problems, write_heldout
 from mathtool.train.generation import attach_weight_sync, backend_factory, colocated_engine_settings
-from mathtool.train.held_out import HeldOutEval
 from mathtool.train.monitor import (
     CURVE_FILE,
     METRICS_FILE,
@@ -32,6 +31,7 @@ from mathtool.train.monitor import (
     plot_reward_curve,
     read_rows,
 )
+from mathtool.train.periodic_eval import PeriodicEval
 from mathtool.train.rewards import overlong_penalty, reward_functions
 from mathtool.train.rollout import AgentRollout, DynamicSampling, MaskPolicy
 from mathtool.train.runtime import AgentRuntime
@@ -117,11 +117,11 @@ def build_trainer(
             rollout_func=rollout,
         )
     attach_weight_sync(config, trainer)
-    held_out = None
+    periodic_eval = None
     if eval_problems:
-        held_out = HeldOutEval(eval_problems, config.eval_samples, runtime, agent_config, config.n_parallel_agents,
-                              output)
-    trainer.add_callback(TrainingMonitor(output, rollout, held_out, config.eval_every, trainer))
+        periodic_eval = PeriodicEval(eval_problems, config.eval_samples, runtime, agent_config,
+                                     config.n_parallel_agents, output)
+    trainer.add_callback(TrainingMonitor(output, rollout, periodic_eval, config.eval_every, trainer))
     return trainer
 
 

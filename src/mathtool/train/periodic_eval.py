@@ -1,4 +1,4 @@
-"""Periodic evaluation of the policy on held-out problems, through the engine (`run_many`).
+"""Periodic evaluation of the policy on `eval_dataset` during training, through the engine (`run_many`).
 
 Each process runs its share of the (problem, sample) jobs with the rollout's own backend; the first
 process writes an evaluation run directory per step (`eval/step-NNNNNN/`) through the run record's RunDir,
@@ -25,8 +25,8 @@ from mathtool.train.runtime import AgentRuntime
 log = logging.getLogger(__name__)
 
 
-class HeldOutEval:
-    """The policy evaluated on held-out problems, every `eval_every` steps (called by `TrainingMonitor`)."""
+class PeriodicEval:
+    """The policy evaluated on `eval_dataset`, every `eval_every` steps (called by `TrainingMonitor`)."""
 
     def __init__(
         self,
