@@ -76,12 +76,13 @@ def run_mode(mode: str, preset: str, steps: int, output: Path) -> dict[str, Any]
 def child(mode: str, preset: str, steps: int, output: Path) -> None:
     """Train `steps` steps in this process with timers around TRL's methods; write the per-step timings."""
     from mathtool.train import train
+    from mathtool.train.config import resolve
     from mathtool.train.monitor import METRICS_FILE, read_rows
 
     name, _, flag = mode.partition("+")
     timers = install_timers()
     overrides = {"generation": name, "max_steps": steps, "save_every": steps, "vllm_importance_sampling": flag == "is"}
-    train(preset, None, overrides, output, resume=False)
+    train(resolve(preset, None, overrides), output, resume=False)
     rows = []
     for row in read_rows(output / METRICS_FILE):
         t = timers[row["step"]]

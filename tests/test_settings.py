@@ -3,6 +3,7 @@ bad settings are one line naming the key, for eval as for train (one validation)
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -178,3 +179,15 @@ def test_a_broken_run_config_is_one_line_naming_it_before_the_server_starts(tmp_
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert lines[0] == f"error: {run / 'config.json'} {message}; repair or delete it"
     assert time.monotonic() - started < 60  # no vLLM server was started (that takes minutes)
+
+
+def test_a_bad_train_setting_is_refused_before_torch_loads(tmp_path: Path) -> None:
+    """Loading torch and TRL takes seconds (more on a busy machine): a mistake in the settings is found first."""
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text("raise ImportError('torch was imported before the check')\n")
+    src = Path(__file__).resolve().parents[1] / "src"
+    result = subprocess.run([sys.executable, "-m", "mathtool.cli", "train", "--preset", "cpu-demo", "--max-steps", "0"],
+                            capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{src}"})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == "error: max_steps must be at least 1, not 0"

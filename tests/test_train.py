@@ -223,12 +223,12 @@ def test_resume_continues_from_the_checkpoint(tiny_model_dir: Path, tmp_path: Pa
     settings = _config(tiny_model_dir, max_response_length=8, max_turns=1).to_json()
     config_file.write_text(yaml.safe_dump({k: v for k, v in settings.items() if v != getattr(TrainConfig(), k)}))
     output = tmp_path / "run"
-    first = train(None, config_file, {"max_steps": 1}, output=output, resume=False)
+    first = train(resolve(None, config_file, {"max_steps": 1}), output=output, resume=False)
     assert first.name == "checkpoint-1"
     first_row = read_rows(output / METRICS_FILE)[0]
     with pytest.raises(ConfigError, match="--resume"):
-        train(None, config_file, {"max_steps": 2}, output=output, resume=False)
-    last = train(None, config_file, {"max_steps": 2}, output=output, resume=True)
+        train(resolve(None, config_file, {"max_steps": 2}), output=output, resume=False)
+    last = train(resolve(None, config_file, {"max_steps": 2}), output=output, resume=True)
     assert last.name == "checkpoint-2"
     assert json.loads((last / "trainer_state.json").read_text())["global_step"] == 2
     rows = read_rows(output / METRICS_FILE)

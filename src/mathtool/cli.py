@@ -28,6 +28,7 @@ except ImportError:
 from mathtool.engine.settings import EMBEDDED_DEFAULTS, EvalSettings, Flag, Settings, flag_fields, without_none
 from mathtool.errors import MathtoolError
 from mathtool.train.config import TrainConfig
+from mathtool.train.config import resolve as resolve_train
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Math-reasoning agents with a Python tool: prepare data, serve, eval, report.")
@@ -231,10 +232,13 @@ def train(
     **flags: Any,
 ) -> None:
     """Train the tool agent with GRPO (TRL), using the same agent loop as `eval`."""
+    settings = resolve_train(preset, config, flags)  # a bad setting is one line before torch and TRL load
+
     from mathtool.train import train as run_training
 
-    checkpoint = run_training(preset, config, flags, output, resume)
-    console.print(f"done: last checkpoint {checkpoint}; metrics in {output / 'metrics.jsonl'}")
+    checkpoint = run_training(settings, output, resume)
+    if checkpoint is not None:  # the main process (the others have nothing to add)
+        console.print(f"done: last checkpoint {checkpoint}; metrics in {output / 'metrics.jsonl'}")
 
 
 def run() -> None:

@@ -20,7 +20,7 @@ from mathtool.agent.setup import agent_setup, load_tokenizer
 from mathtool.data.problem import Problem
 from mathtool.errors import ConfigError, DatasetError
 from mathtool.paths import OUTPUT_FIX, atomic_write_text, check_writable, write_errors
-from mathtool.train.config import ARITHMETIC, EMBEDDED_MODEL, TrainConfig, resolve
+from mathtool.train.config import ARITHMETIC, EMBEDDED_MODEL, TrainConfig
 from mathtool.train.curriculum import arithmetic_problems, write_heldout
 from mathtool.train.generation import attach_weight_sync, backend_factory, colocated_engine_settings
 from mathtool.train.monitor import (
@@ -42,15 +42,13 @@ CONFIG_FILE = "train_config.json"
 HELDOUT_FILE = "heldout.jsonl"  # the curriculum's held-out problems, for `mathtool eval --dataset`
 
 
-def train(preset: str | None, config_path: Path | None, overrides: dict[str, Any] | None, output: Path,
-          resume: bool) -> Path:
-    """Train with GRPO until `max_steps`; returns the last checkpoint's folder. `overrides` are settings
-    given as flags (max_steps, chat_template, thinking); they win over the preset and the config file.
+def train(config: TrainConfig, output: Path, resume: bool) -> Path | None:
+    """Train with GRPO until `max_steps`; returns the last checkpoint's folder on the main process, None on the
+    others. `config` comes from `config.resolve()` (preset, config file and flags, validated).
 
-    Raises ConfigError (unknown preset, bad config, model not found, an output directory that already
+    Raises ConfigError (model not found, a process count that does not fit, an output directory that already
     holds checkpoints without `resume`) and DatasetError (missing or empty dataset).
     """
-    config = resolve(preset, config_path, overrides)
     processes = distributed_state().num_processes
     check_processes(config, processes, gpus_for_training())
     check_generation(config, _on_cpu())
@@ -82,7 +80,7 @@ def train(preset: str | None, config_path: Path | None, overrides: dict[str, Any
     last = _last_checkpoint(output)
     if last is None:
         raise ConfigError(f"training saved no checkpoint under {output}")
-    return last
+    return last if _is_main_process() else None
 
 
 def build_trainer(
