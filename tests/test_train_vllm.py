@@ -9,6 +9,8 @@ policy's own, before the update; after the update and a sync, they must be the u
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -35,8 +37,21 @@ def _policy_logprobs(model: Any, prompt: list[int], completion: list[int], tempe
 
 
 @pytest.fixture(scope="module")
-def step(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """One step; what it rolled out, the trainer and the policy as it was before."""
+def step(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """One step; what it rolled out, the trainer and the policy as it was before.
+
+    TRL's colocate mode sets RANK, WORLD_SIZE and MASTER_PORT in this process's environment for vLLM, whose
+    process group then holds that port until this process exits: the environment is put back afterwards, or
+    every later test's `mathtool train` subprocess would inherit it and fail to bind the port (EADDRINUSE)."""
+    environment = dict(os.environ)
+    try:
+        yield _one_step(tmp_path_factory)
+    finally:
+        os.environ.clear()
+        os.environ.update(environment)
+
+
+def _one_step(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     config = resolve("cpu-demo", None, TINY)
     output = tmp_path_factory.mktemp("vllm-step")
     source = str(_model_source(config.model))
