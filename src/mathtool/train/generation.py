@@ -32,10 +32,11 @@ from mathtool.errors import ConfigError
 from mathtool.llm.base import LLMBackend
 from mathtool.llm.transformers_backend import TransformersBackend
 from mathtool.llm.vllm_colocate import VLLMColocateBackend, install_weight_sync, vllm_on_cpu
+from mathtool.serve.launch import set_vllm_cpu_defaults
 from mathtool.train.config import TrainConfig
 from mathtool.train.runtime import AgentRuntime
 
-CPU_KV_CACHE_GIB = "1"  # vLLM CPU build's KV cache for training rollouts; its default is far larger
+CPU_KV_CACHE_GIB = 1  # vLLM CPU build's KV cache for training rollouts; its default is far larger
 
 
 def backend_factory(config: TrainConfig, tokenizer: Any, runtime: AgentRuntime) -> Callable[[Any], LLMBackend]:
@@ -78,22 +79,13 @@ def colocated_engine_settings(config: TrainConfig) -> Iterator[None]:
         return
     import trl.generation.vllm_generation as trl_vllm
 
-    _cpu_environment()
+    set_vllm_cpu_defaults(os.environ, CPU_KV_CACHE_GIB)
     build = trl_vllm.LLM
     trl_vllm.LLM = functools.partial(build, dtype=config.dtype, enforce_eager=True)
     try:
         yield
     finally:
         trl_vllm.LLM = build
-
-
-def _cpu_environment() -> None:
-    """Settings vLLM's CPU build reads from the environment (the user's own values win)."""
-    from mathtool.serve.launch import SMALL_MACHINE_CPUS
-
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GIB)
-    if len(os.sched_getaffinity(0)) <= SMALL_MACHINE_CPUS:
-        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 
 
 def attach_weight_sync(config: TrainConfig, trainer: Any) -> None:
