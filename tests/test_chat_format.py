@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from mathtool.agent.chat_format import (
 from mathtool.agent.loop import AgentConfig, run_agent
 from mathtool.agent.parsers import HERMES, MARKDOWN, after_reasoning, parse_hermes, turn_end
 from mathtool.agent.trajectory import Trajectory
-from mathtool.data.problem import Problem
+from mathtool.data.problem import Problem, WorkedExample
 from mathtool.errors import ConfigError
 from mathtool.llm.base import Completion, SamplingParams
 from mathtool.metrics import compute_metrics
@@ -65,14 +66,14 @@ class Scripted:
         raise AssertionError("the token path must be used")
 
 
-def run(tokenizer: Any, turns: list[str], thinking: bool | None = None, template: str = "qwen3",
-        max_turns: int = 3) -> tuple[Trajectory, Scripted, AgentConfig]:
+def run(tokenizer: Any, turns: list[str], thinking: bool | None = None, template: str | None = "qwen3",
+        max_turns: int = 3, problem: Problem = PROBLEM) -> tuple[Trajectory, Scripted, AgentConfig]:
     config = AgentConfig(chat=chat_setup(tokenizer, template, thinking, None), max_turns=max_turns)
     backend = Scripted(tokenizer, turns)
 
     async def one() -> Trajectory:
         async with PythonSandbox(timeout_s=5) as sandbox:
-            return await run_agent(PROBLEM, 0, backend, sandbox, config)
+            return await run_agent(problem, 0, backend, sandbox, config)
 
     return asyncio.run(one()), backend, config
 
@@ -91,7 +92,7 @@ def check_turn_by_turn(tokenizer: Any, traj: Trajectory, backend: Scripted, temp
     and the mask is 1 on exactly the model's tokens."""
     assert traj.token_exact
     record = traj.prompt_ids + traj.completion_ids
-    assistant_at = [i for i, m in enumerate(traj.messages) if m["role"] == "assistant"]
+    assistant_at = [i for i, m in enumerate(traj.messages) if m["role"] == "assistant"][-len(backend.prompts):]
     for turn, prompt in enumerate(backend.prompts):
         assert record[: len(prompt)] == prompt
         assert tokenizer.decode(prompt) == render_text(tokenizer, traj.messages[: assistant_at[turn]], template,
@@ -174,6 +175,36 @@ def test_a_turn_without_a_think_block_stays_exact(tokenizer: Any) -> None:
     second = tokenizer.decode(backend.prompts[1])
     assert second.endswith("<|im_end|>\n<|im_start|>user\n<tool_response>\n42\n</tool_response><|im_end|>\n"
                            "<|im_start|>assistant\n")
+
+
+def test_worked_examples_are_a_finished_conversation_before_the_problem_and_stay_exact(tokenizer: Any) -> None:
+    from mathtool.sandbox.tool import PYTHON_TOOL
+
+    problem = replace(PROBLEM, examples=(WorkedExample("What is 7 * 8?", "print(7 * 8)", "56", "56"),))
+    traj, backend, _ = run(tokenizer, [CALL, ANSWER], problem=problem)
+    assert (traj.termination, traj.correct, traj.num_tool_calls) == (ANSWERED, True, 1)
+    check_turn_by_turn(tokenizer, traj, backend, read_chat_template("qwen3"), None)
+    prompt = tokenizer.decode(backend.prompts[0])
+    example = ('<|im_start|>user\nWhat is 7 * 8?<|im_end|>\n<|im_start|>assistant\n<tool_call>\n{"name": "python", '
+               '"arguments": {"code": "print(7 * 8)"}}\n</tool_call><|im_end|>\n<|im_start|>user\n<tool_response>\n56\n'
+               '</tool_response><|im_end|>\n<|im_start|>assistant\n\\boxed{56}<|im_end|>\n')
+    assert prompt.index("</tools>") < prompt.index(example) < prompt.index("<|im_start|>user\nWhat is 6 * 7?")
+    # the call is written as the template writes a structured call: as if the model had written it
+    structured = [*traj.messages[:2], {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "python", "arguments": {"code": "print(7 * 8)"}}}]},
+        *traj.messages[3:5]]
+    as_structured = tokenizer.apply_chat_template(structured, tools=[PYTHON_TOOL], chat_template=read_chat_template(
+        "qwen3"), tokenize=False, add_generation_prompt=True)
+    assert as_structured == render_text(tokenizer, traj.messages[:5], read_chat_template("qwen3"), None)
+
+
+def test_worked_examples_in_markdown_format(tokenizer: Any) -> None:
+    problem = replace(PROBLEM, examples=(WorkedExample("What is 7 * 8?", "print(7 * 8)", "56", "56"),))
+    traj, backend, _ = run(tokenizer, ["```python\nprint(6 * 7)\n```", ANSWER], template=None, problem=problem)
+    assert (traj.termination, traj.correct, traj.num_tool_calls) == (ANSWERED, True, 1)
+    assert [m["content"] for m in traj.messages[2:5]] == ["```python\nprint(7 * 8)\n```", "```output\n56\n```",
+                                                          "\\boxed{56}"]
+    assert "What is 7 * 8?" in tokenizer.decode(backend.prompts[0]) and traj.token_exact
 
 
 def test_an_empty_think_block_stays_exact(tokenizer: Any) -> None:

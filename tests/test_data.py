@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mathtool.data import load_problems, prepare, registered
+from mathtool.data.problem import WorkedExample
 from mathtool.data.registry import datasets_dir, read_manifest
 from mathtool.errors import DatasetError
 
@@ -62,9 +63,23 @@ def test_file_formats_and_field_aliases(tmp_path: Path) -> None:
     assert load_problems(str(csv_file))[0].answer == "6"
 
 
+def test_worked_examples_round_trip_through_files_and_the_registry(tmp_path: Path) -> None:
+    example = {"question": "7 * 8?", "code": "print(7 * 8)", "output": "56", "answer": "56"}
+    path = write_jsonl(tmp_path / "shots.jsonl", [{"problem": "6 * 7?", "answer": "42", "examples": [example]},
+                                                  {"problem": "2 + 2?", "answer": "4"}])
+    expected = [(WorkedExample(**example),), ()]
+    assert [p.examples for p in load_problems(str(path))] == expected
+    prepare(str(path))
+    registered_copy = load_problems("shots")
+    assert [p.examples for p in registered_copy] == expected and "examples" not in registered_copy[0].extra
+
+
 @pytest.mark.parametrize(
     ("rows", "message"),
     [
+        ([{"problem": "x", "answer": "1", "examples": [{"question": "q", "code": "c", "output": "o"}]}],
+         "row 1: 'examples' must be a list of objects with text fields question, code, output, answer"),
+        ([{"problem": "x", "answer": "1", "examples": "not json"}], "row 1: 'examples' must be a list"),
         ([{"problem": "x", "answer": "1"}, {"problem": "y"}], "row 2: empty or missing answer"),
         ([{"problem": "x", "answer": "  "}], "row 1: empty or missing answer"),
         ([{"answer": "1"}], "row 1: no problem text"),

@@ -34,6 +34,7 @@ def test_the_held_out_file_is_a_dataset_in_the_runs_prompt_format(tmp_path: Path
     problems = load_problems(str(path))
     assert [p.id for p in problems] == [p.id for p in heldout_problems(HERMES)]
     assert all("<tool_call>" in p.problem for p in problems)
+    assert all(p.examples == heldout_problems(HERMES)[0].examples != () for p in problems)  # as in training
     assert all(str(eval(expression(p.problem))) == p.answer for p in problems)  # noqa: S307 (our own digits)
 
 

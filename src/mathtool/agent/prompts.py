@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 from mathtool.agent.parsers import HERMES
-from mathtool.data.problem import Problem
+from mathtool.data.problem import Problem, WorkedExample
 
 HERMES_SYSTEM = (
     "You are a careful mathematician. Reason step by step. You can run Python code with the `python` "
@@ -19,8 +21,25 @@ MARKDOWN_SYSTEM = (
 
 
 def initial_messages(problem: Problem, tool_format: str) -> list[dict[str, str]]:
+    """The system turn, the problem's worked examples as finished conversations, then the problem."""
     system = HERMES_SYSTEM if tool_format == HERMES else MARKDOWN_SYSTEM
-    return [{"role": "system", "content": system}, {"role": "user", "content": problem.problem}]
+    messages = [{"role": "system", "content": system}]
+    for example in problem.examples:
+        messages += worked_example_messages(example, tool_format)
+    return [*messages, {"role": "user", "content": problem.problem}]
+
+
+def worked_example_messages(example: WorkedExample, tool_format: str) -> list[dict[str, str]]:
+    """A worked example as the turns the model would write in `tool_format`: the call as text, like the
+    model's own turns are recorded, so that the template renders it as the model would have written it."""
+    if tool_format == HERMES:
+        call = json.dumps({"name": "python", "arguments": {"code": example.code}}, ensure_ascii=False)
+        turn = f"<tool_call>\n{call}\n</tool_call>"
+    else:
+        turn = f"```python\n{example.code}\n```"
+    return [{"role": "user", "content": example.question}, {"role": "assistant", "content": turn},
+            tool_result_message(example.output, tool_format),
+            {"role": "assistant", "content": f"\\boxed{{{example.answer}}}"}]
 
 
 def tool_result_message(text: str, tool_format: str, call_id: str | None = None) -> dict[str, str]:

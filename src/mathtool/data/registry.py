@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from mathtool.data.sources import (
     FILE_SUFFIXES,
     KNOWN_DATASETS,
     mirror_dir,
+    read_examples,
     read_file,
     read_hub,
     read_mirror,
@@ -47,6 +49,7 @@ def _write_parquet(problems: list[Problem], path: Path) -> None:
             "answer": [p.answer for p in problems],
             "source": [p.source for p in problems],
             "extra": [json.dumps(p.extra, ensure_ascii=False, default=str) for p in problems],
+            "examples": [json.dumps([asdict(e) for e in p.examples], ensure_ascii=False) for p in problems],
         }
     )
     pq.write_table(table, path)
@@ -152,7 +155,8 @@ def _read_registered(name: str, split: str) -> list[Problem]:
     parquet = datasets_dir() / name / f"{split}.parquet"
     try:
         rows = pq.read_table(parquet).to_pylist()
-        return [Problem(r["id"], r["problem"], r["answer"], r["source"], json.loads(r["extra"])) for r in rows]
+        return [Problem(r["id"], r["problem"], r["answer"], r["source"], json.loads(r["extra"]),
+                        read_examples(r.get("examples"), f"{parquet}, id {r['id']}")) for r in rows]
     except Exception as e:  # pyarrow raises several types for a torn file; a wrong one lacks columns
         reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise DatasetError(f"{parquet} cannot be read ({reason}); {_prepare_hint(name)}") from None

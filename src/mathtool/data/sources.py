@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from mathtool.data.problem import Problem
+from mathtool.data.problem import Problem, WorkedExample
 from mathtool.errors import DatasetError
 
 log = logging.getLogger(__name__)
@@ -66,11 +66,29 @@ def _first(row: dict[str, Any], names: tuple[str, ...]) -> Any:
     return None
 
 
+def read_examples(value: Any, where: str) -> tuple[WorkedExample, ...]:
+    """A row's `examples`: a list (or its JSON text, as the registry stores it) of objects with the text
+    fields of `WorkedExample`."""
+    if value is None:
+        return ()
+    names = list(WorkedExample.__dataclass_fields__)
+    wrong = DatasetError(f"{where}: 'examples' must be a list of objects with text fields {', '.join(names)}")
+    try:
+        items = json.loads(value) if isinstance(value, str) else value
+    except ValueError:
+        raise wrong from None
+    if not isinstance(items, list) or not all(
+        isinstance(item, dict) and all(isinstance(item.get(name), str) for name in names) for item in items
+    ):
+        raise wrong
+    return tuple(WorkedExample(*(item[name] for name in names)) for item in items)
+
+
 def rows_to_problems(rows: Iterable[dict[str, Any]], origin: str, source: str) -> list[Problem]:
     """Validate rows: a problem text, a non-empty answer, unique ids. Errors name `origin` and the row."""
     problems: list[Problem] = []
     seen: dict[str, int] = {}
-    used = set(PROBLEM_FIELDS + ANSWER_FIELDS + ID_FIELDS + ("source",))
+    used = set(PROBLEM_FIELDS + ANSWER_FIELDS + ID_FIELDS + ("source", "examples"))
     for number, row in enumerate(rows, start=1):
         where = f"{origin}, row {number}"
         if not isinstance(row, dict):
@@ -87,7 +105,8 @@ def rows_to_problems(rows: Iterable[dict[str, Any]], origin: str, source: str) -
             raise DatasetError(f"{where}: duplicate id {pid!r} (first seen in row {seen[pid]})")
         seen[pid] = number
         extra = {k: v for k, v in row.items() if k not in used}
-        problems.append(Problem(pid, text, answer, str(row.get("source") or source), extra))
+        problems.append(Problem(pid, text, answer, str(row.get("source") or source), extra,
+                                read_examples(row.get("examples"), where)))
     if not problems:
         raise DatasetError(f"{origin}: no rows")
     return problems
