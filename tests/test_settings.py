@@ -181,13 +181,17 @@ def test_a_broken_run_config_is_one_line_naming_it_before_the_server_starts(tmp_
     assert time.monotonic() - started < 60  # no vLLM server was started (that takes minutes)
 
 
-def test_a_bad_train_setting_is_refused_before_torch_loads(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--max-steps", "0"], "error: max_steps must be at least 1, not 0"),
+    (["--generation", "tpu"], "error: generation must be one of transformers, vllm-server, vllm-colocate, not 'tpu'"),
+])
+def test_a_bad_train_setting_is_refused_before_torch_loads(tmp_path: Path, flags: list[str], message: str) -> None:
     """Loading torch and TRL takes seconds (more on a busy machine): a mistake in the settings is found first."""
     (tmp_path / "torch").mkdir()
     (tmp_path / "torch" / "__init__.py").write_text("raise ImportError('torch was imported before the check')\n")
     src = Path(__file__).resolve().parents[1] / "src"
-    result = subprocess.run([sys.executable, "-m", "mathtool.cli", "train", "--preset", "cpu-demo", "--max-steps", "0"],
+    result = subprocess.run([sys.executable, "-m", "mathtool.cli", "train", "--preset", "cpu-demo", *flags],
                             capture_output=True, text=True, timeout=120,
                             env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{src}"})
     assert result.returncode == 2, result.stderr
-    assert result.stderr.strip() == "error: max_steps must be at least 1, not 0"
+    assert result.stderr.strip() == message

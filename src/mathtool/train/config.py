@@ -66,7 +66,9 @@ class TrainConfig(Settings):
     dynamic_sampling: bool = False  # DAPO: replace groups whose rewards are all equal by groups of further problems
     dynamic_sampling_max_rounds: Count = 4  # most extra rounds of generation a step for that
     # Generation backend
-    generation: Literal[GENERATION_MODES] = "transformers"  # type: ignore[valid-type]
+    generation: Annotated[Literal[GENERATION_MODES], Flag()] = Field(  # type: ignore[valid-type]
+        "transformers", description="Who writes the rollouts: transformers (the policy itself), vllm-colocate "
+        "(vLLM in the training process; also on vLLM's CPU build) or vllm-server (`trl vllm-serve`, GPUs).")
     generation_batch_size: Count = 32  # transformers: most sequences in one generate call
     vllm_server_url: str | None = None  # vllm-server: base URL of `trl vllm-serve` (default host:port TRL uses)
     vllm_gpu_memory_utilization: float = 0.3  # vllm-colocate
