@@ -12,6 +12,7 @@ import json
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
+from statistics import fmean
 from typing import Any
 
 import pytest
@@ -28,7 +29,7 @@ from mathtool.llm.transformers_backend import TransformersBackend
 from mathtool.run_record import ANSWERED, BUDGET, ERROR, STOPPED
 from mathtool.train import PRESETS, TrainConfig, train
 from mathtool.train.config import resolve
-from mathtool.train.monitor import METRICS_FILE, read_rows
+from mathtool.train.monitor import METRICS_FILE, TRAJECTORIES_FILE, read_rows
 from mathtool.train.rewards import reward_functions
 from mathtool.train.rollout import AgentRollout, MaskPolicy, to_trl
 from mathtool.train.runtime import AgentRuntime
@@ -213,6 +214,11 @@ def test_one_step_changes_the_weights_and_writes_metrics(tiny_model_dir: Path, t
     assert row["step"] == 1 and row["tool_calls_mean"] == 1.0 and row["reward_mean"] == pytest.approx(1.0)
     assert row["zero_advantage_groups"] == 0 and row["groups"] == 2
     assert not {"void_masked", "overlong_penalized", "dynamic_dropped_groups"} & set(row)  # all off by default
+    rollouts = read_rows(tmp_path / TRAJECTORIES_FILE)  # what the model said, a line per trajectory
+    assert len(rollouts) == row["trajectories"] and {r["step"] for r in rollouts} == {1}
+    assert fmean(r["reward"] for r in rollouts) == pytest.approx(row["reward_mean"])
+    assert all(r["messages"][-1]["role"] == "assistant" and "\\boxed" in r["messages"][-1]["content"]
+               for r in rollouts if r["termination"] == ANSWERED)
     assert (tmp_path / "eval" / "step-000001" / "metrics.json").is_file()
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint-1")  # Hugging Face format
     assert torch.equal(reloaded.model.norm.weight, model.model.norm.weight)
@@ -228,11 +234,15 @@ def test_resume_continues_from_the_checkpoint(tiny_model_dir: Path, tmp_path: Pa
     first_row = read_rows(output / METRICS_FILE)[0]
     with pytest.raises(ConfigError, match="--resume"):
         train(resolve(None, config_file, {"max_steps": 2}), output=output, resume=False)
+    with (output / TRAJECTORIES_FILE).open("a") as f:  # a crash after step 2's rollouts, before its checkpoint
+        f.write('{"step": 2, "problem_id": "redone"}\n{"step": 2, "pro')
     last = train(resolve(None, config_file, {"max_steps": 2}), output=output, resume=True)
     assert last.name == "checkpoint-2"
     assert json.loads((last / "trainer_state.json").read_text())["global_step"] == 2
     rows = read_rows(output / METRICS_FILE)
     assert [r["step"] for r in rows] == [1, 2] and rows[0] == first_row  # step 1 was not redone
+    steps = Counter(r["step"] for r in read_rows(output / TRAJECTORIES_FILE))
+    assert steps == {1: first_row["trajectories"], 2: rows[1]["trajectories"]}
     assert (output / "reward_curve.png").stat().st_size > 0
 
 

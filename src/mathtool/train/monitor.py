@@ -1,4 +1,9 @@
-"""Per-step metrics (`metrics.jsonl`), the reward curve (`reward_curve.png`) and periodic evaluation.
+"""Per-step metrics (`metrics.jsonl`), the rollouts (`trajectories.jsonl`), the reward curve
+(`reward_curve.png`) and periodic evaluation.
+
+`trajectories.jsonl` gets a line per trajectory trained on, appended after each step by the main process
+(every process's, gathered): `step`, `process`, `problem_id`, `sample`, `reward`, the grade, the
+termination, `kept` (in the loss), timings and the conversation (`messages`); not the token ids.
 
 One row per optimizer step:
 - `reward_mean`, `reward_std` (over all trajectories of the step), `correct_mean`, `answered_mean`,
@@ -39,12 +44,14 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from mathtool.paths import atomic_write_text
 from mathtool.train.periodic_eval import PeriodicEval
 from mathtool.train.rollout import AgentRollout, RolloutStats, gather_rows
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+TRAJECTORIES_FILE = "trajectories.jsonl"  # every rollout of every step, appended
 CURVE_FILE = "reward_curve.png"
 
 
@@ -124,7 +131,8 @@ class TrainingMonitor(TrainerCallback):
         row.update(self._eval)
         self._eval = {}
         if state.is_world_process_zero:
-            append_row(self.output / METRICS_FILE, row)
+            append_rows(self.output / TRAJECTORIES_FILE, [{"step": row["step"], **t} for t in stats.trajectories])
+            append_rows(self.output / METRICS_FILE, [row])
             plot_reward_curve(read_rows(self.output / METRICS_FILE), self.output / CURVE_FILE)
             log.info("step %d: reward %.3f, %.0f s", row["step"], row["reward_mean"], row["time_step_s"])
 
@@ -154,9 +162,9 @@ def weight_norms(trainer: Any) -> list[float] | None:
     return gather_rows(accelerator, [norm])
 
 
-def append_row(path: Path, row: dict[str, Any]) -> None:
+def append_rows(path: Path, rows: list[dict[str, Any]]) -> None:
     with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
+        f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
@@ -166,9 +174,19 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def keep_rows_until(path: Path, step: int) -> None:
-    """On resume: drop the rows of steps after the checkpoint, which are about to be redone."""
-    rows = [r for r in read_rows(path) if r["step"] <= step]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    """On resume: drop the rows of steps after the checkpoint, which are about to be redone (and a line
+    torn by a crash); the rest are kept as written."""
+    if not path.exists():
+        return
+
+    def before(line: str) -> bool:
+        try:
+            return json.loads(line)["step"] <= step
+        except (ValueError, KeyError, TypeError):
+            return False
+
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if before(line)]
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def plot_reward_curve(rows: list[dict[str, Any]], path: Path) -> None:

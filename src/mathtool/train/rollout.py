@@ -136,9 +136,11 @@ def to_trl(trajs: Sequence[Trajectory], masks: MaskPolicy, eos_id: int) -> dict[
 
 
 def summarize(traj: Trajectory, reward: float, kept: bool) -> dict[str, Any]:
-    """The per-trajectory numbers a metrics row is made of."""
+    """One trajectory's line of the run's trajectories.jsonl: the numbers a metrics row is made of, its
+    conversation and its grade (the token ids are left out: TRL has them)."""
     return {
         "problem_id": traj.problem_id,
+        "sample": traj.sample,
         "reward": reward,
         "correct": float(traj.correct),
         "answered": float(traj.termination == ANSWERED),
@@ -148,6 +150,10 @@ def summarize(traj: Trajectory, reward: float, kept: bool) -> dict[str, Any]:
         "token_exact": traj.token_exact,
         "kept": kept,
         **{f"{k}_s": v for k, v in traj.timings.items()},
+        "extracted_answer": traj.extracted_answer,
+        "ground_truth": traj.ground_truth,
+        "error": traj.error,
+        "messages": traj.messages,
     }
 
 

@@ -26,6 +26,7 @@ from mathtool.train.generation import attach_weight_sync, backend_factory, coloc
 from mathtool.train.monitor import (
     CURVE_FILE,
     METRICS_FILE,
+    TRAJECTORIES_FILE,
     TrainingMonitor,
     keep_rows_until,
     plot_reward_curve,
@@ -65,7 +66,8 @@ def train(config: TrainConfig, output: Path, resume: bool) -> Path | None:
     if _is_main_process():
         with write_errors(output, OUTPUT_FIX):
             atomic_write_text(output / CONFIG_FILE, json.dumps(config.to_json(), indent=2))
-            keep_rows_until(output / METRICS_FILE, _checkpoint_step(checkpoint))
+            for rows in (METRICS_FILE, TRAJECTORIES_FILE):  # steps after the checkpoint are about to be redone
+                keep_rows_until(output / rows, _checkpoint_step(checkpoint))
             if config.dataset == ARITHMETIC:
                 write_heldout(output / HELDOUT_FILE, agent_config.chat.tool_format)
     with AgentRuntime(config.tool_timeout_s, config.tool_memory_mb, config.tool_isolation) as runtime:
