@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ import yaml
 
 from mathtool.errors import ConfigError
 from mathtool.train.config import TrainConfig, resolve
-from mathtool.train.monitor import METRICS_FILE, read_rows
+from mathtool.train.monitor import METRICS_FILE, TRAJECTORIES_FILE, read_rows
 from mathtool.train.trainer import check_processes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,6 +121,8 @@ def test_each_process_rolls_out_its_share_and_groups_are_scored_whole(run: tuple
         # TRL computes advantages over the rewards gathered from both processes, in groups of 4 in order; they
         # are the problems' groups: as many have rewards all equal as the trajectories say.
         assert row["frac_reward_zero_std"] * PROBLEMS == pytest.approx(row["zero_advantage_groups"])
+    written = Counter((t["step"], t["process"]) for t in read_rows(run[1] / TRAJECTORIES_FILE))
+    assert written == {(row["step"], p): PROBLEMS * ROLLOUTS // PROCESSES for row in rows for p in range(PROCESSES)}
 
 
 @pytest.mark.slow
