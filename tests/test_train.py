@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import sys
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -18,6 +20,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from test_unwritable import SMALL, in_namespace, mounts_work  # noqa: F401 (a fixture)
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from mathtool.agent.setup import agent_setup
@@ -244,6 +247,35 @@ def test_resume_continues_from_the_checkpoint(tiny_model_dir: Path, tmp_path: Pa
     steps = Counter(r["step"] for r in read_rows(output / TRAJECTORIES_FILE))
     assert steps == {1: first_row["trajectories"], 2: rows[1]["trajectories"]}
     assert (output / "reward_curve.png").stat().st_size > 0
+
+
+@pytest.mark.usefixtures("mounts_work")
+def test_a_full_disk_mid_run_is_one_line_and_the_run_resumes_from_what_it_wrote(tiny_model_dir: Path,
+                                                                                tmp_path: Path) -> None:
+    config_file = tmp_path / "tiny.yaml"
+    settings = _config(tiny_model_dir, max_response_length=8, max_turns=1).to_json()
+    config_file.write_text(yaml.safe_dump({k: v for k, v in settings.items() if v != getattr(TrainConfig(), k)}))
+    disk, kept = tmp_path / "disk", tmp_path / "kept"
+    disk.mkdir()
+    # On a 256 KiB filesystem the run's settings and step 1's rows fit, its checkpoint (~19 MB) does not; what
+    # the run left there is copied out before the filesystem goes away.
+    command = ('python -m mathtool.cli train --config "$CONFIG" --output "$D/run"; code=$?; '
+               'cp -a "$D/run" "$KEPT"; exit $code')
+    result = in_namespace(SMALL, disk, ["sh", "-c", command], env={"CONFIG": str(config_file), "KEPT": str(kept),
+                                                                    "PATH": f"{Path(sys.executable).parent}:"
+                                                                            f"{os.environ['PATH']}"})
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: cannot write {disk / 'run'}: no space left on the device; free some space (or copy the folder "
+        "elsewhere), then run the same command with --resume: it continues from step 0 (no checkpoint was complete)")
+    assert [r["step"] for r in read_rows(kept / METRICS_FILE)] == [1]
+    assert (kept / "checkpoint-1").is_dir() and not (kept / "checkpoint-1" / "trainer_state.json").exists()
+    with pytest.raises(ConfigError, match="already holds a training run; add --resume"):
+        train(resolve(None, config_file, None), output=kept, resume=False)
+    last = train(resolve(None, config_file, None), output=kept, resume=True)  # past the torn checkpoint-1
+    assert last == kept / "checkpoint-1" and (last / "trainer_state.json").is_file()
+    assert [r["step"] for r in read_rows(kept / METRICS_FILE)] == [1]  # step 1 redone, its first row dropped
+    assert Counter(r["step"] for r in read_rows(kept / TRAJECTORIES_FILE)) == {1: 4}
 
 
 def test_presets_and_their_yaml_copies_agree() -> None:

@@ -7,6 +7,7 @@ optimizer and trainer state for `--resume`).
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -74,6 +75,14 @@ def train(config: TrainConfig, output: Path, resume: bool) -> Path | None:
         trainer = build_trainer(config, model, agent_config, problems, eval_problems, runtime, output)
         try:
             trainer.train(resume_from_checkpoint=checkpoint)
+        except Exception as e:
+            if not _disk_full(e):
+                raise
+            last = _last_checkpoint(output)
+            since = f"{last.name}" if last is not None else "step 0 (no checkpoint was complete)"
+            raise ConfigError(f"cannot write {output}: no space left on the device; free some space (or copy the "
+                              f"folder elsewhere), then run the same command with --resume: it continues from "
+                              f"{since}") from None
         finally:
             trainer.rollout_func.close()
     if _is_main_process():
@@ -296,20 +305,47 @@ def _unique_texts(problems: list[Problem]) -> list[Problem]:
 
 
 def resume_checkpoint(output: Path, resume: bool) -> str | None:
-    """The checkpoint to continue from; refuses to start over on top of an earlier run's checkpoints."""
+    """The checkpoint to continue from; refuses to start over on top of an earlier run (its checkpoints, or
+    the rows of steps it did before its first checkpoint)."""
+    earlier = _checkpoint_folders(output) or (output / METRICS_FILE).exists()
+    if earlier and not resume:
+        raise ConfigError(f"{output} already holds a training run; add --resume to continue it, or {OUTPUT_FIX}")
     last = _last_checkpoint(output)
-    if last is not None and not resume:
-        raise ConfigError(f"{output} already holds checkpoints; add --resume to continue, or {OUTPUT_FIX}")
     if resume and last is None:
         log.warning("no checkpoint under %s to resume from; starting at step 0", output)
     return str(last) if last is not None else None
 
 
-def _last_checkpoint(output: Path) -> Path | None:
-    from transformers.trainer_utils import get_last_checkpoint
+def _checkpoint_folders(output: Path) -> dict[int, Path]:
+    """checkpoint-N folders by step N."""
+    if not output.is_dir():
+        return {}
+    folders = (p for p in output.glob("checkpoint-*") if p.is_dir())
+    return {int(p.name.removeprefix("checkpoint-")): p for p in folders if p.name.removeprefix("checkpoint-").isdigit()}
 
-    found = get_last_checkpoint(str(output)) if output.is_dir() else None
-    return Path(found) if found else None
+
+def _last_checkpoint(output: Path) -> Path | None:
+    """The newest complete checkpoint: transformers writes trainer_state.json last, so a folder without it was
+    cut short (a crash or a full disk during the save) and is passed over."""
+    folders = _checkpoint_folders(output)
+    for step in sorted(folders, reverse=True):
+        if (folders[step] / "trainer_state.json").is_file():
+            return folders[step]
+        log.warning("passing over %s: its save was cut short (no trainer_state.json)", folders[step])
+    return None
+
+
+def _disk_full(error: BaseException) -> bool:
+    """Whether `error` (or one it came from) is a write that found no space: an OSError, or the text of
+    safetensors' or torch.save's own errors, which do not keep the errno."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(text in str(seen) for text in ("No space left on device", "Disk quota exceeded", "file write failed")):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def distributed_state() -> Any:
