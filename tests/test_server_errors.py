@@ -131,6 +131,24 @@ async def test_a_completion_of_the_wrong_shape_fails_its_request_with_one_line(b
     assert broken_server.requests["/v1/completions"] == 1  # not retried: the server answered, wrongly
 
 
+@pytest.mark.parametrize("tokens", [
+    '"token_ids": ["4"], "logprobs": {"token_logprobs": [-0.1]}',  # ids that are not integers
+    '"token_ids": [true], "logprobs": {"token_logprobs": [-0.1]}',
+    '"token_ids": [19], "logprobs": {"token_logprobs": [null]}',  # a logprob that is no number
+    '"token_ids": [19], "logprobs": [-0.1]',  # logprobs not an object
+    '"token_ids": [19, 20], "logprobs": {"token_logprobs": [-0.1]}',  # not one per id
+    '"token_ids": 19, "logprobs": {"token_logprobs": -0.1}',
+])
+async def test_token_ids_or_logprobs_of_the_wrong_shape_fail_the_request_with_one_line(broken_server,
+                                                                                      tokens) -> None:
+    broken_server.bodies["/v1/completions"] = f'{{"choices": [{{"text": "4", "finish_reason": "stop", {tokens}}}]}}'
+    async with OpenAIBackend([broken_server.root], "m", supports_token_ids=True) as llm:
+        with pytest.raises(ServerError) as caught:
+            await llm.complete_tokens([1, 2, 3], SamplingParams(max_tokens=4))
+    assert str(caught.value) == ("the server returned no token ids, or not one numeric logprob per integer id; "
+                                 "serve the model with vLLM, or use the chat path")
+
+
 @pytest.mark.parametrize(("body", "problem"), [
     ('{"choices": [{"message": "4", "finish_reason": "stop"}]}', "a first choice without its message"),
     ('{"choices": [{"message": {"content": 4}, "finish_reason": "stop"}]}', "a message whose content is not text"),

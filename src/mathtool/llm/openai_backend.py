@@ -206,16 +206,9 @@ class OpenAIBackend:
         except ServerError as exc:
             logger.info("token-id completions unsupported (%s); using chat completions", exc)
             return False
-        choice = body["choices"][0]
-        ids = choice.get("token_ids")
-        logprobs = (choice.get("logprobs") or {}).get("token_logprobs")
+        tokens = _token_fields(body["choices"][0])
         generated = (body.get("usage") or {}).get("completion_tokens")
-        return (
-            isinstance(ids, list)
-            and bool(ids)
-            and isinstance(logprobs, list)
-            and len(ids) == len(logprobs) == generated
-        )
+        return tokens is not None and 0 < len(tokens[0]) == generated
 
     # --- generation ------------------------------------------------------------------------------
 
@@ -242,19 +235,14 @@ class OpenAIBackend:
         if params.stop:  # keep the stop string, so that the text is what the token ids decode to
             payload["include_stop_str_in_output"] = True
         choice = (await self._post("/v1/completions", payload, route))["choices"][0]
-        ids = choice.get("token_ids")
-        logprobs = (choice.get("logprobs") or {}).get("token_logprobs")
-        if ids is None or logprobs is None or len(ids) != len(logprobs):
+        tokens = _token_fields(choice)
+        if tokens is None:
             raise ServerError(
-                "the server returned no token ids or not one logprob per id; "
+                "the server returned no token ids, or not one numeric logprob per integer id; "
                 "serve the model with vLLM, or use the chat path"
             )
-        return Completion(
-            text=choice["text"],
-            finish_reason=_finish_reason(choice),
-            token_ids=ids,
-            logprobs=[float(value) for value in logprobs],
-        )
+        return Completion(text=choice["text"], finish_reason=_finish_reason(choice), token_ids=tokens[0],
+                          logprobs=tokens[1])
 
     async def complete_chat(self, messages: list[dict], params: SamplingParams, tools: list[dict] | None = None,
                             template_kwargs: dict | None = None, route: _Route | None = None) -> Completion:
@@ -474,6 +462,18 @@ def _json(response: httpx.Response) -> Any:
         return response.json()
     except ValueError:
         return None
+
+
+def _token_fields(choice: dict[str, Any]) -> tuple[list[int], list[float]] | None:
+    """A completion choice's generated token ids and their logprobs (vLLM's `token_ids` and
+    `logprobs.token_logprobs`), or None unless they are integers with one number each."""
+    ids = choice.get("token_ids")
+    logprobs = choice["logprobs"].get("token_logprobs") if isinstance(choice.get("logprobs"), dict) else None
+    if not (isinstance(ids, list) and isinstance(logprobs, list) and len(ids) == len(logprobs)):
+        return None
+    if not all(type(i) is int for i in ids) or not all(type(v) in (int, float) for v in logprobs):
+        return None  # `type` rather than isinstance: JSON true is no token id
+    return ids, [float(v) for v in logprobs]
 
 
 def _shortened(text: str, limit: int = 200) -> str:
