@@ -105,7 +105,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "dataset": ARITHMETIC,
         "curriculum_size": 2000,
         "max_turns": 2,
-        "max_prompt_length": 512,
+        "max_prompt_length": 1024,  # Qwen3's format: the tool schema and two worked conversations, ~750 tokens
         "max_response_length": 128,
         "temperature": 0.7,
         "n_parallel_agents": 16,
