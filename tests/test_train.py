@@ -23,6 +23,7 @@ import yaml
 from test_unwritable import SMALL, in_namespace, mounts_work  # noqa: F401 (a fixture)
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from mathtool.agent.prompts import initial_messages
 from mathtool.agent.setup import agent_setup
 from mathtool.agent.trajectory import Trajectory
 from mathtool.data.problem import Problem
@@ -247,6 +248,22 @@ def test_resume_continues_from_the_checkpoint(tiny_model_dir: Path, tmp_path: Pa
     steps = Counter(r["step"] for r in read_rows(output / TRAJECTORIES_FILE))
     assert steps == {1: first_row["trajectories"], 2: rows[1]["trajectories"]}
     assert (output / "reward_curve.png").stat().st_size > 0
+
+
+def test_prompts_that_cannot_fit_are_refused_before_the_model_loads(tiny_model_dir: Path, tokenizer: Any,
+                                                                    tmp_path: Path, caplog: Any) -> None:
+    from mathtool.train.trainer import check_prompt_lengths
+
+    config = _config(tiny_model_dir, max_prompt_length=40)
+    with pytest.raises(ConfigError, match=r"^the first 64 training prompts are \d+-\d+ tokens, all over "
+                                          r"max_prompt_length 40: no trajectory could train; raise max_prompt_length$"):
+        train(config, output=tmp_path / "run", resume=False)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+    setup = agent_setup(config, tokenizer, config.context_length)
+    long = Problem("long", "Use Python to compute " + "1 + " * 40 + "1.", "41")
+    short_length = len(setup.chat.render(initial_messages(PROBLEMS[0], setup.chat.tool_format)))
+    check_prompt_lengths([PROBLEMS[0], long], replace(setup, max_prompt_length=short_length))  # one fits: a warning
+    assert f"1 of the first 2 training prompts are over max_prompt_length {short_length}" in caplog.text
 
 
 @pytest.mark.usefixtures("mounts_work")

@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from mathtool.agent.loop import AgentConfig
+from mathtool.agent.prompts import initial_messages
 from mathtool.agent.setup import agent_setup, load_tokenizer
 from mathtool.data.problem import Problem
 from mathtool.errors import ConfigError, DatasetError
@@ -61,8 +62,9 @@ def train(config: TrainConfig, output: Path, resume: bool) -> Path | None:
     source = str(_model_source(config.model))
     agent_config = agent_setup(config, load_tokenizer(source, config.chat_template, required=True),
                                config.context_length)
-    model = load_policy(config, source)
     problems = training_problems(config, agent_config.chat.tool_format)
+    check_prompt_lengths(problems, agent_config)
+    model = load_policy(config, source)
     eval_problems = evaluation_problems(config)
     if _is_main_process():
         with write_errors(output, OUTPUT_FIX):
@@ -302,6 +304,23 @@ def _unique_texts(problems: list[Problem]) -> list[Problem]:
     if len(seen) < len(problems):
         log.info("dropped %d problems whose statement repeats an earlier one", len(problems) - len(seen))
     return list(seen.values())
+
+
+PROMPTS_CHECKED = 64  # training prompts rendered at start to compare with max_prompt_length
+
+
+def check_prompt_lengths(problems: list[Problem], agent_config: AgentConfig) -> None:
+    """Render the first training prompts: refuse a run none of whose prompts fit max_prompt_length (every
+    trajectory would end `context` with no loss), warn when some do not."""
+    limit, chat = agent_config.max_prompt_length, agent_config.chat
+    lengths = [len(chat.render(initial_messages(p, chat.tool_format))) for p in problems[:PROMPTS_CHECKED]]
+    over = sum(n > limit for n in lengths)
+    if lengths and over == len(lengths):
+        raise ConfigError(f"the first {len(lengths)} training prompts are {min(lengths)}-{max(lengths)} tokens, all "
+                          f"over max_prompt_length {limit}: no trajectory could train; raise max_prompt_length")
+    if over:
+        log.warning("%d of the first %d training prompts are over max_prompt_length %d (up to %d tokens): their "
+                    "trajectories end `context` and get no loss", over, len(lengths), limit, max(lengths))
 
 
 def resume_checkpoint(output: Path, resume: bool) -> str | None:
