@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -13,9 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from mathtool.data import load_problems, prepare, registered
-from mathtool.data.problem import WorkedExample
+from mathtool.data.problem import Problem, WorkedExample
 from mathtool.data.registry import datasets_dir, read_manifest
 from mathtool.errors import DatasetError
+from mathtool.run_record import dataset_sha256
 
 
 @pytest.fixture(autouse=True)
@@ -72,6 +74,15 @@ def test_worked_examples_round_trip_through_files_and_the_registry(tmp_path: Pat
     prepare(str(path))
     registered_copy = load_problems("shots")
     assert [p.examples for p in registered_copy] == expected and "examples" not in registered_copy[0].extra
+
+
+def test_the_dataset_hash_counts_worked_examples_and_is_unchanged_without_them() -> None:
+    plain = [Problem("a", "6 * 7?", "42")]
+    as_before = hashlib.sha256(json.dumps(["a", "6 * 7?", "42"]).encode()).hexdigest()  # runs written before
+    assert dataset_sha256(plain) == as_before
+    shown = [Problem("a", "6 * 7?", "42", examples=(WorkedExample("7 * 8?", "print(7 * 8)", "56", "56"),))]
+    other = [Problem("a", "6 * 7?", "42", examples=(WorkedExample("7 * 8?", "print(7 * 8)", "56", "57"),))]
+    assert len({dataset_sha256(plain), dataset_sha256(shown), dataset_sha256(other)}) == 3
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Iterable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -61,9 +62,11 @@ def record_failed(record: dict[str, Any]) -> bool:
 
 
 def dataset_sha256(problems: Iterable[Problem]) -> str:
-    """A content hash of the problems a run evaluated (ids, statements, answers; order ignored), for
-    config.json's `dataset_sha256`: two runs with the same hash scored the same problems."""
-    rows = sorted(json.dumps([p.id, p.problem, p.answer], ensure_ascii=False) for p in problems)
+    """A content hash of the problems a run evaluated (ids, statements, answers, and worked examples where a
+    problem has them; order ignored), for config.json's `dataset_sha256`: two runs with the same hash scored
+    the same problems, shown the same way."""
+    rows = sorted(json.dumps([p.id, p.problem, p.answer, *([[asdict(e) for e in p.examples]] if p.examples else [])],
+                             ensure_ascii=False) for p in problems)
     return hashlib.sha256("\n".join(rows).encode("utf-8")).hexdigest()
 
 
