@@ -211,6 +211,25 @@ def test_report_is_self_contained_and_escapes_model_text(tmp_path: Path) -> None
     assert "| p10 | 2 | 0 | 0.0000 |" in markdown and "<b>" not in markdown
 
 
+def test_worked_examples_are_folded_before_the_problem_in_the_report(tmp_path: Path) -> None:
+    from mathtool.agent.parsers import MARKDOWN
+    from mathtool.agent.prompts import initial_messages
+    from mathtool.data.problem import Problem, WorkedExample
+
+    problem = Problem("p", "What is 6*7?", "42", examples=(WorkedExample("What is 7*8?", "print(7*8)", "56", "56"),))
+    messages = [*initial_messages(problem, MARKDOWN), {"role": "assistant", "content": "```python\nprint(6*7)\n```"},
+                {"role": "user", "content": "```output\n42\n```"}, {"role": "assistant", "content": "\\boxed{42}"}]
+    run_dir = write_run(tmp_path / "run", [traj("p", 0, 1.0, tools=1, messages=messages) | {"worked_examples": 1}])
+    _, html_path = write_report(run_dir)
+    page = html_path.read_text()
+    folded = page.split('<details class="examples"><summary>1 worked example shown before the problem</summary>')[1]
+    folded = folded.split("</details>")[0]
+    assert "What is 7*8?" in folded and "print(7*8)" in folded and "56" in folded and "What is 6*7?" not in folded
+    after = page.split("1 worked example shown before the problem")[1].split("</details>", 1)[1]
+    assert "What is 6*7?" in after and "print(6*7)" in after
+    assert page.count('<div class="msg tool">') == 2  # the example's output and the run's own
+
+
 def test_report_never_overwrites_an_existing_report(tmp_path: Path) -> None:
     run_dir = write_run(tmp_path / "run", handcrafted())
     (run_dir / "report.md").write_text("my notes")

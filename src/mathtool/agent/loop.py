@@ -126,6 +126,7 @@ class _Run:
             self.llm = route((problem.id, sample))
         self.traj = Trajectory(problem_id=problem.id, sample=sample, ground_truth=problem.answer)
         self.traj.messages = initial_messages(problem, config.chat.tool_format)
+        self.traj.worked_examples = len(problem.examples)
         self.traj.timings = {"generation": 0.0, "tools": 0.0, "grading": 0.0}
         self.tokens: _TokenRecord | None = None
         if llm.supports_token_ids and config.chat.on_client:

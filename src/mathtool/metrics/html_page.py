@@ -33,6 +33,7 @@ th, td { border: 1px solid #ddd; padding: .25rem .6rem; text-align: left; }
 th { background: #f3f3f3; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 img.plot { display: block; max-width: 100%; margin: .5rem 0 1rem; }
 details { margin: .3rem 0; } details.trajectory > summary { cursor: pointer; padding: .2rem; }
+details.examples { margin-left: 1rem; } details.examples > summary { cursor: pointer; color: #666; font-size: .85rem; }
 .ok { color: #1a7f37; font-weight: bold; } .bad { color: #cf222e; font-weight: bold; }
 .msg { border-left: 4px solid #ccc; margin: .4rem 0 .4rem 1rem; padding: .2rem .6rem; }
 .msg .role { font-size: .75rem; text-transform: uppercase; color: #666; }
@@ -116,9 +117,18 @@ def _message_html(message: dict[str, Any], is_first_user: bool) -> str:
     return f'<div class="msg {css_class}"><div class="role">{_e(label)}</div><pre>{_e(text)}</pre></div>'
 
 
-def _conversation_html(messages: list[dict[str, Any]]) -> str:
+def _conversation_html(messages: list[dict[str, Any]], worked_examples: int = 0) -> str:
+    """The messages in order; the worked examples shown before the problem (4 messages each, after the system
+    turn) folded into one closed block."""
     first_user = next((i for i, m in enumerate(messages) if m.get("role") == "user"), -1)
-    return "\n".join(_message_html(m, i == first_user) for i, m in enumerate(messages))
+    parts = [_message_html(m, i == first_user) for i, m in enumerate(messages)]
+    start = 1 if messages and messages[0].get("role") == "system" else 0
+    end = start + 4 * worked_examples
+    if worked_examples <= 0 or end >= len(parts):
+        return "\n".join(parts)
+    label = f"{worked_examples} worked example{'s' if worked_examples > 1 else ''} shown before the problem"
+    folded = f'<details class="examples"><summary>{label}</summary>{"".join(parts[start:end])}</details>'
+    return "\n".join([*parts[:start], folded, *parts[end:]])
 
 
 def _trajectory_html(record: dict[str, Any]) -> str:
@@ -130,7 +140,7 @@ def _trajectory_html(record: dict[str, Any]) -> str:
         f"{_e(record.get('response_tokens', 0))} tokens · {_e(record.get('termination'))}"
     )
     error = f'<div class="error">error: {_e(record["error"])}</div>' if record.get("error") else ""
-    conversation = _conversation_html(list(record.get("messages") or []))
+    conversation = _conversation_html(list(record.get("messages") or []), int(record.get("worked_examples") or 0))
     return f'<details class="trajectory"><summary>{summary}</summary>{error}{conversation}</details>'
 
 
