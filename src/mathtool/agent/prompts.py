@@ -29,6 +29,9 @@ def initial_messages(problem: Problem, tool_format: str) -> list[dict[str, str]]
     return [*messages, {"role": "user", "content": problem.problem}]
 
 
+MESSAGES_PER_EXAMPLE = 4  # what worked_example_messages returns: question, call, tool output, answer
+
+
 def worked_example_messages(example: WorkedExample, tool_format: str) -> list[dict[str, str]]:
     """A worked example as the turns the model would write in `tool_format`: the call as text, like the
     model's own turns are recorded, so that the template renders it as the model would have written it."""

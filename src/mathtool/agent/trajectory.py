@@ -13,7 +13,7 @@ class Trajectory:
     problem_id: str
     sample: int
     messages: list[dict[str, Any]] = field(default_factory=list)
-    worked_examples: int = 0  # example conversations after the system turn, 4 messages each (Problem.examples)
+    worked_examples: int = 0  # Problem.examples shown after the system turn (prompts.MESSAGES_PER_EXAMPLE each)
     termination: str = ERROR  # why it ended: one of the names in `mathtool.run_record`
     error: str | None = None
     num_tool_calls: int = 0

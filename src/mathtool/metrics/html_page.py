@@ -13,6 +13,7 @@ import html
 import json
 from typing import Any
 
+from mathtool.agent.prompts import MESSAGES_PER_EXAMPLE
 from mathtool.metrics.summary import (
     ProblemRow,
     format_value,
@@ -118,12 +119,12 @@ def _message_html(message: dict[str, Any], is_first_user: bool) -> str:
 
 
 def _conversation_html(messages: list[dict[str, Any]], worked_examples: int = 0) -> str:
-    """The messages in order; the worked examples shown before the problem (4 messages each, after the system
-    turn) folded into one closed block."""
+    """The messages in order; the worked examples shown before the problem (MESSAGES_PER_EXAMPLE each, after
+    the system turn) folded into one closed block."""
     first_user = next((i for i, m in enumerate(messages) if m.get("role") == "user"), -1)
     parts = [_message_html(m, i == first_user) for i, m in enumerate(messages)]
     start = 1 if messages and messages[0].get("role") == "system" else 0
-    end = start + 4 * worked_examples
+    end = start + MESSAGES_PER_EXAMPLE * worked_examples
     if worked_examples <= 0 or end >= len(parts):
         return "\n".join(parts)
     label = f"{worked_examples} worked example{'s' if worked_examples > 1 else ''} shown before the problem"
